@@ -1,0 +1,5 @@
+import sys
+
+from anymodal.core.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""Build components from a validated config: one place that turns names into modules."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from .backbone import Backbone
+from .config import objective_nodes
+from .encoder import ENCODER_SIZES, Encoder
+from .posenc import build_posenc
+from .registry import closest
+
+__all__ = ["encoder_shape", "build_backbone", "build_dataset", "build_transforms", "build_masker", "build_objectives"]
+
+
+def _plain(node: Any) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def _split_name(node: Any) -> tuple[str, dict]:
+    kwargs = _plain(node)
+    return kwargs.pop("name"), kwargs
+
+
+def encoder_shape(model: Any) -> tuple[int, int, int]:
+    """(width, depth, heads) of ``model.size`` with any explicit overrides applied."""
+    if model.size not in ENCODER_SIZES:
+        near = closest(model.size, list(ENCODER_SIZES))
+        raise ValueError(f"unknown model.size {model.size!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                         + f"; sizes: {', '.join(ENCODER_SIZES)}")
+    dim, depth, heads = ENCODER_SIZES[model.size]
+    return model.dim or dim, model.depth or depth, model.num_heads or heads
+
+
+def build_backbone(cfg: DictConfig, components: Any) -> Backbone:
+    dim, depth, heads = encoder_shape(cfg.model)
+    name, kwargs = _split_name(cfg.modality.tokenizer)
+    tokenizer = components.tokenizer.build(name, dim=dim, **kwargs)
+    posenc = build_posenc(cfg.model.posenc, dim, tokenizer.pos_axes, getattr(tokenizer, "grid_size", None))
+    encoder = Encoder(dim, depth, heads, posenc, mlp_ratio=cfg.model.mlp_ratio, drop_path=cfg.model.drop_path,
+                      attn_backend=cfg.model.attn_backend, cls_token=cfg.model.cls_token)
+    return Backbone(tokenizer, encoder, pool=cfg.model.pool)
+
+
+def build_dataset(cfg: DictConfig, split: str, components: Any) -> Dataset:
+    """The dataset of ``data.<split>``; ``data.strict`` reaches factories that take ``strict``."""
+    node = cfg.data[split]
+    if not node:
+        raise ValueError(f"config has no data.{split} dataset")
+    name, kwargs = _split_name(node)
+    kwargs.setdefault("split", split)
+    entry = components.dataset.entry(name)
+    if "strict" in inspect.signature(entry.factory).parameters:
+        kwargs.setdefault("strict", cfg.data.strict)
+    return components.dataset.build(name, **kwargs)
+
+
+def build_transforms(cfg: DictConfig, components: Any) -> list:
+    return [components.transform.build(*_split_name(node)) for node in cfg.data.transforms]
+
+
+def build_masker(stage: Any, components: Any) -> Any:
+    if not stage.masker:
+        return None
+    name, kwargs = _split_name(stage.masker)
+    return components.masker.build(name, **kwargs)
+
+
+def build_objectives(stage: Any, components: Any, backbone: Backbone) -> tuple[nn.ModuleDict, dict[str, float]]:
+    """The stage's objectives (label -> module) and their loss weights."""
+    modules, weights = nn.ModuleDict(), {}
+    for label, node, weight in objective_nodes(stage):
+        name = node.pop("name")
+        modules[label] = components.objective.build(name, dim=backbone.encoder.dim, tokenizer=backbone.tokenizer, **node)
+        weights[label] = weight
+    return modules, weights

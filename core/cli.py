@@ -1,0 +1,189 @@
+"""The ``anymodal`` command line: train, eval, demo, config, plugins, export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from ..plugins.manager import PluginError, load_components
+from .checkpoint import CheckpointError
+from .config import ConfigError, compose, load_run_config, validate
+from .trainer import NonFiniteLossError
+
+__all__ = ["main"]
+
+log = logging.getLogger("anymodal")
+
+
+def _setup(config: str, overrides: Sequence[str]):
+    composed = compose(config, overrides)
+    components = load_components(composed.cfg.plugins)
+    for defaults in components.configure(composed.cfg):
+        composed.cfg = OmegaConf.merge(OmegaConf.merge(composed.cfg, defaults), composed.cfg)
+    validate(composed, components)
+    return composed, components
+
+
+def _log_to(folder: Path) -> None:
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / "logs" / "anymodal.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def train(config: str, overrides: Sequence[str], run_dir: Optional[str] = None, resume: bool = False) -> Path:
+    from .trainer import Trainer
+
+    composed, components = _setup(config, overrides)
+    cfg = composed.cfg
+    folder = Path(run_dir) if run_dir else Path(cfg.run.out_dir) / cfg.run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    _log_to(folder)
+    log.info("run folder %s; config from %s", folder, ", ".join(composed.files))
+    Trainer(cfg, components, folder, resume=resume).run()
+    return folder
+
+
+def evaluate(run_dir: str, pictures: Optional[bool] = None) -> dict:
+    from .evaluate import evaluate_run
+
+    cfg = load_run_config(Path(run_dir))
+    return evaluate_run(Path(run_dir), load_components(cfg.plugins), pictures)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    folder = train(args.config, args.overrides, args.run_dir, args.resume)
+    print(f"finished: {folder}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    summary = evaluate(args.run_dir, False if args.no_pictures else None)
+    print(summary["table"])
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    run_dir = args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = train(args.config, args.overrides, run_dir)
+    trained = time.perf_counter() - start
+    summary = evaluate(str(folder))
+    total = time.perf_counter() - start
+    print(f"\n{summary['table']}\n")
+    print(f"train {trained:.0f} s, train + eval {total:.0f} s; run folder {folder} "
+          f"(eval/ holds the table, loss curve and reconstructions)")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    composed, _ = _setup(args.config, args.overrides)
+    print(OmegaConf.to_yaml(composed.cfg, resolve=True), end="")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    modules = list(args.plugin or [])
+    if args.config:
+        modules += list(compose(args.config, []).cfg.plugins)
+    components = load_components(modules)
+    print("plugins:")
+    for name, origin in components.plugins.items():
+        print(f"  {name:<24} {origin}")
+    for kind, registry in components.registries.items():
+        print(f"{kind}s:")
+        for entry in registry:
+            print(f"  {entry.name:<24} from {entry.plugin}")
+        if not len(registry):
+            print("  (none)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .build import build_backbone
+    from .checkpoint import load_checkpoint, load_model_state
+    from .export import export_backbone
+    from .runfolder import RunFolder
+
+    folder = RunFolder(Path(args.run_dir))
+    cfg = load_run_config(folder.root)
+    backbone = build_backbone(cfg, load_components(cfg.plugins))
+    ckpt = Path(args.checkpoint) if args.checkpoint else folder.last
+    load_model_state(backbone, load_checkpoint(ckpt)["backbone"], f"checkpoint {ckpt}")
+    out = export_backbone(backbone, cfg, Path(args.out) if args.out else folder.export)
+    print(f"exported {out}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anymodal", description="Self-supervised pre-training for any sensor.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(s: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+        s.add_argument("config", nargs="?" if default else None, default=default,
+                       help="config file or packaged config name (e.g. default)")
+        s.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")
+
+    s = sub.add_parser("train", help="run a config's recipe")
+    with_config(s)
+    s.add_argument("--run-dir", help="run folder (default: run.out_dir/run.name)")
+    s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("eval", help="linear probe and k-NN of a run's backbone next to random init")
+    s.add_argument("run_dir")
+    s.add_argument("--no-pictures", action="store_true")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("demo", help="pre-train the embedded default, then print the probe table")
+    with_config(s, default="default")
+    s.add_argument("--run-dir")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("config", help="print the resolved config")
+    with_config(s)
+    s.set_defaults(func=_cmd_config)
+
+    s = sub.add_parser("plugins", help="list plugins and every registered component")
+    s.add_argument("config", nargs="?", help="also load the plugins this config names")
+    s.add_argument("--plugin", action="append", help="also load this plugin module")
+    s.set_defaults(func=_cmd_plugins)
+
+    s = sub.add_parser("export", help="export a checkpoint's backbone to safetensors")
+    s.add_argument("run_dir")
+    s.add_argument("--checkpoint", help="checkpoint file (default: the run's last)")
+    s.add_argument("--out", help="output folder (default: the run's export/)")
+    s.set_defaults(func=_cmd_export)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    # overrides may follow options (train cfg --resume a.b=1): collect key=value leftovers
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (ConfigError, PluginError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+        print(f"anymodal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"anymodal {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Compose, validate and save configs.
+
+A config file may start with a ``defaults:`` mapping of group -> name (``model: tiny``); each group
+file (``configs/<group>/<name>.yaml``, looked up beside the file first, then in the package) is
+merged in order, then the file itself, then command-line overrides: ``group=name`` swaps a group
+file, ``a.b.c=value`` sets a key (values parse as YAML). Every key is checked against the schema
+(`core.schema`), and an error names the key, the file it came from and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .registry import closest, signature_errors
+from .schema import Config
+
+__all__ = ["ConfigError", "ComposedConfig", "compose", "validate", "save_config", "load_run_config", "PACKAGE_CONFIGS"]
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("model", "modality", "recipe", "launcher")
+COMMAND_LINE = "command line"
+
+
+class ConfigError(ValueError):
+    """One or more config problems, each naming the key and where it came from."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+@dataclasses.dataclass
+class ComposedConfig:
+    cfg: DictConfig
+    sources: dict[str, str]  # dotted key -> file it was last set by
+    files: list[str]
+
+    def source(self, key: str) -> str:
+        """The file that set ``key`` or the closest enclosing key."""
+        parts = key.split(".")
+        while parts:
+            found = self.sources.get(".".join(parts))
+            if found:
+                return found
+            parts.pop()
+        return "defaults"
+
+
+def _resolve_file(name: str, group: Optional[str], search: list[Path]) -> Path:
+    candidates = []
+    for base in search:
+        folder = base / group if group else base
+        for n in (name, f"{name}.yaml"):
+            candidates.append(folder / n)
+    if not group:
+        candidates.insert(0, Path(name))
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    if group:
+        options = sorted({p.stem for base in search for p in (base / group).glob("*.yaml")})
+        near = closest(name, options)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError([f"no {group} config named {name!r}{hint} available: {', '.join(options) or '(none)'}"])
+    options = sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
+    raise ConfigError([f"config file {name!r} not found (looked in the working directory and {PACKAGE_CONFIGS}); "
+                       f"packaged configs: {', '.join(options)}"])
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping, got {type(data).__name__}"])
+    return data
+
+
+def _schema_errors(data: Any, schema: Any, prefix: str, source: str) -> list[str]:
+    """Unknown keys in ``data`` against dataclass ``schema``, with suggestions."""
+    errors: list[str] = []
+    if not isinstance(data, Mapping):
+        return errors
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            near = closest(str(key), list(hints))
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else f"; valid keys: {', '.join(hints)}"
+            errors.append(f"unknown key {path!r} in {source}{hint}")
+            continue
+        errors += _nested_errors(value, hints[key], path, source)
+    return errors
+
+
+def _nested_errors(value: Any, tp: Any, path: str, source: str) -> list[str]:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _schema_errors(value, tp, path + ".", source)
+    if origin is dict and isinstance(value, Mapping):
+        inner = typing.get_args(tp)[1]
+        if dataclasses.is_dataclass(inner):
+            return [e for k, v in value.items() for e in _schema_errors(v, inner, f"{path}.{k}.", source)]
+    return []
+
+
+def _record(data: Any, prefix: str, source: str, sources: dict[str, str]) -> None:
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            key = f"{prefix}{k}"
+            sources[key] = source
+            _record(v, key + ".", source, sources)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} on the command line is not key=value"])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
+    """Compose ``file`` with its defaults and ``overrides`` into a validated-structure config.
+
+    Raises:
+        ConfigError: unknown keys (with the file and the closest valid keys), a missing group file,
+            a value of the wrong type, or a malformed override.
+    """
+    path = _resolve_file(file, None, [PACKAGE_CONFIGS])
+    search = [path.parent, PACKAGE_CONFIGS]
+    main = _read_yaml(path)
+    defaults = dict(main.pop("defaults", {}) or {})
+    overrides = [_parse_override(o) for o in overrides]
+    for key, value in overrides:
+        if key in GROUPS:
+            defaults[key] = value
+    layers: list[tuple[str, dict]] = []
+    for group, name in defaults.items():
+        if group not in GROUPS:
+            near = closest(group, list(GROUPS))
+            raise ConfigError([f"unknown defaults group {group!r} in {path}" + (f"; did you mean {near[0]!r}?" if near else "")
+                               + f"; groups: {', '.join(GROUPS)}"])
+        group_file = _resolve_file(str(name), group, search)
+        layers.append((str(group_file), _read_yaml(group_file)))
+    layers.append((str(path), main))
+    value_overrides = [(k, v) for k, v in overrides if k not in GROUPS]
+    layers += [(COMMAND_LINE, _nest(k, v)) for k, v in value_overrides]
+
+    errors = [e for source, data in layers for e in _schema_errors(data, Config, "", source)]
+    if errors:
+        raise ConfigError(errors)
+    cfg = OmegaConf.structured(Config)
+    sources: dict[str, str] = {}
+    for source, data in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as e:
+            raise ConfigError([f"{source}: {e.msg if hasattr(e, 'msg') else e} (key {getattr(e, 'full_key', '?')})"]) from e
+        _record(data, "", source, sources)
+    return ComposedConfig(cfg, sources, [s for s, _ in layers])
+
+
+def _component_errors(node: Any, registry: Any, key: str, source: str, injected: Iterable[str]) -> list[str]:
+    if not isinstance(node, Mapping) or "name" not in node:
+        return [f"{key} (from {source}) must be a mapping with a 'name' naming a registered {registry.kind}"]
+    name = node["name"]
+    if name not in registry:
+        near = closest(str(name), registry.names())
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return [f"{key}.name: unknown {registry.kind} {name!r} (from {source}){hint}; registered: {', '.join(registry.names())}"]
+    kwargs = {k: v for k, v in node.items() if k != "name"}
+    kwargs.update({k: None for k in injected})
+    return [f"{key} ({registry.kind} {name!r}, from {source}): {e}" for e in signature_errors(registry.entry(name).factory, kwargs)]
+
+
+def objective_nodes(stage: Any) -> list[tuple[str, dict, float]]:
+    """(label, node with 'name', weight) for each objective of a stage."""
+    out = []
+    objectives = stage.objectives
+    if isinstance(objectives, DictConfig):
+        objectives = OmegaConf.to_container(objectives, resolve=True)
+    for label, node in objectives.items():
+        node = dict(node)
+        weight = float(node.pop("weight", 1.0))
+        node.setdefault("name", label)
+        out.append((label, node, weight))
+    return out
+
+
+def validate(composed: ComposedConfig, components: Any) -> None:
+    """Check every component node against its registry and factory signature; report all at once.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    try:
+        cfg = OmegaConf.to_container(composed.cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError([f"cannot resolve the config: {e}"]) from e
+    errors: list[str] = []
+    src = composed.source
+    errors += _component_errors(cfg["modality"]["tokenizer"], components.tokenizer, "modality.tokenizer",
+                                src("modality.tokenizer"), ["dim"])
+    for split in ("train", "test"):
+        node = cfg["data"][split]
+        if node:
+            errors += _component_errors(node, components.dataset, f"data.{split}", src(f"data.{split}"), ["split"])
+    for i, node in enumerate(cfg["data"]["transforms"]):
+        errors += _component_errors(node, components.transform, f"data.transforms.{i}", src("data.transforms"), [])
+    if not cfg["recipe"]["stages"]:
+        errors.append(f"recipe {cfg['recipe']['name']!r} (from {src('recipe')}) has no stages")
+    for stage_name, stage in composed.cfg.recipe.stages.items():
+        prefix = f"recipe.stages.{stage_name}"
+        resolved_stage = cfg["recipe"]["stages"][stage_name]
+        if resolved_stage["masker"]:
+            errors += _component_errors(resolved_stage["masker"], components.masker, f"{prefix}.masker", src(f"{prefix}.masker"), [])
+        if not resolved_stage["objectives"]:
+            errors.append(f"{prefix} (from {src(prefix)}) lists no objectives")
+        for label, node, _ in objective_nodes(OmegaConf.create(resolved_stage)):
+            errors += _component_errors(node, components.objective, f"{prefix}.objectives.{label}",
+                                        src(f"{prefix}.objectives.{label}"), ["dim", "tokenizer"])
+    if errors:
+        raise ConfigError(errors)
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The resolved config saved in a run folder, re-checked against the schema."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml")
+    data = _read_yaml(path)
+    errors = _schema_errors(data, Config, "", str(path))
+    if errors:
+        raise ConfigError(errors)
+    return OmegaConf.merge(OmegaConf.structured(Config), data)

@@ -1,0 +1,116 @@
+"""Batches from datasets: deterministic order and augmentation, so a resumed run sees exactly the
+batches the uninterrupted one would have.
+
+Every sample's augmentation draws from a generator seeded by (run seed, epoch, index), and the
+order of an epoch is a permutation seeded by (run seed, epoch). A loader is therefore a pure
+function of the global step it starts from, whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ["collate", "AugmentedDataset", "StepBatchSampler", "make_loader", "mix_seed"]
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, well mixed (nearby inputs give unrelated seeds)."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of sample dicts: tensors stack, numbers become tensors, strings become lists."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        first = values[0]
+        if isinstance(first, Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(f"samples of field {key!r} have different shapes {sorted(shapes)}; "
+                                 "resize them in the dataset or use a tokenizer that takes ragged input")
+            out[key] = torch.stack(values)
+        elif isinstance(first, bool) or not isinstance(first, (int, float)):
+            out[key] = list(values)
+        else:
+            out[key] = torch.tensor(values)
+    return out
+
+
+class AugmentedDataset(Dataset):
+    """Applies seeded transforms to one field of another dataset's samples.
+
+    Items are addressed by ``(index, epoch)`` so the augmentation of a sample is reproducible.
+
+    Args:
+        dataset: the source dataset of sample dicts.
+        transforms: callables ``(tensor, generator) -> tensor`` applied in order.
+        key: the sample field they apply to.
+        seed: the run's seed.
+    """
+
+    def __init__(self, dataset: Dataset, transforms: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
+                 key: str, seed: int) -> None:
+        self.dataset, self.transforms, self.key, self.seed = dataset, list(transforms), key, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = item
+        sample = dict(self.dataset[index])
+        if self.transforms:
+            if self.key not in sample:
+                raise KeyError(f"transforms apply to field {self.key!r}, but the dataset's samples have {sorted(sample)}")
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+            x = sample[self.key]
+            for t in self.transforms:
+                x = t(x, generator)
+            sample[self.key] = x
+        return sample
+
+
+class StepBatchSampler(Sampler):
+    """Endless batches of ``(index, epoch)``: each epoch a seeded permutation cut into full
+    batches (the remainder is dropped), starting at global batch number ``start_step``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0) -> None:
+        if num_samples < batch_size:
+            raise ValueError(f"dataset has {num_samples} samples, fewer than one batch of {batch_size}")
+        self.num_samples, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
+        self.batches_per_epoch = num_samples // batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, offset = divmod(self.start_step, self.batches_per_epoch)
+        while True:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+            for b in range(offset, self.batches_per_epoch):
+                chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
+                yield [(i, epoch) for i in chunk]
+            epoch, offset = epoch + 1, 0
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """An endless loader over an `AugmentedDataset`, positioned at ``start_step``."""
+    return DataLoader(
+        dataset,
+        batch_sampler=StepBatchSampler(len(dataset), batch_size, seed, start_step),
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        # its own generator, so creating the loader never draws from the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(seed),
+    )

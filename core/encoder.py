@@ -1,0 +1,110 @@
+"""The shared transformer encoder. It runs on whichever tokens it is given (visible ones only
+during masked pre-training) and never sees mask tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .layers import Block
+from .tokens import Tokens
+
+__all__ = ["Encoder", "Encoded", "ENCODER_SIZES"]
+
+# width, depth, heads: timm's ViT names
+ENCODER_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+@dataclass
+class Encoded:
+    """Encoder output.
+
+    Attributes:
+        tokens: the encoded tokens; ``tokens.x [B, M, D]`` are features, other fields are the
+            input's (positions, padding, targets) for the tokens that were encoded.
+        cls: the class token's feature ``[B, D]``, or None.
+    """
+
+    tokens: Tokens
+    cls: Optional[Tensor]
+
+    def pool(self, mode: str = "mean") -> Tensor:
+        """One vector per sample: ``cls`` or the ``mean`` over real tokens. ``[B, D]``."""
+        if mode == "cls":
+            if self.cls is None:
+                raise ValueError("pool='cls' needs an encoder with cls_token=true")
+            return self.cls
+        if mode != "mean":
+            raise ValueError(f"unknown pooling {mode!r}; choose mean or cls")
+        keep = self.tokens.valid().unsqueeze(-1).to(self.tokens.x.dtype)
+        return (self.tokens.x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+class Encoder(nn.Module):
+    """Pre-norm ViT encoder over `Tokens`.
+
+    Args:
+        dim: embedding width.
+        depth: number of blocks.
+        num_heads: attention heads.
+        posenc: module mapping ``Tokens.pos`` to ``[B, N, dim]``.
+        mlp_ratio: MLP hidden width over ``dim``.
+        drop_path: stochastic depth at the last block (linearly increasing from 0).
+        attn_backend: ``sdpa`` (default), ``math`` or ``xformers``.
+        cls_token: prepend a learned class token.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        posenc: nn.Module,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        attn_backend: str = "sdpa",
+        cls_token: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.posenc = posenc
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r, attn_backend) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: Tokens, index: Optional[Tensor] = None) -> Encoded:
+        """Encode ``tokens``, or only the tokens at ``index [B, M]`` (gathered, never masked in place)."""
+        if index is not None:
+            tokens = tokens.select(index)
+        x = tokens.x + self.posenc(tokens.pos).to(tokens.x.dtype)
+        keep = None if tokens.padding is None else ~tokens.padding
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.cls_pos).expand(x.shape[0], -1, -1).to(x.dtype)
+            x = torch.cat([cls, x], dim=1)
+            if keep is not None:
+                keep = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1)
+        for block in self.blocks:
+            x = block(x, keep)
+        x = self.norm(x)
+        if self.cls_token is not None:
+            return Encoded(tokens.with_x(x[:, 1:]), x[:, 0])
+        return Encoded(tokens.with_x(x), None)

@@ -1,0 +1,119 @@
+"""Frozen-backbone evaluation: linear probe and k-NN on a labelled split, next to a randomly
+initialized encoder, plus pictures (loss curve, reconstructions) written into the run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .backbone import Backbone
+from .build import build_backbone, build_dataset
+from .config import load_run_config
+from .data import collate
+from .export import load_exported
+from .runfolder import RunFolder
+from .trainer import resolve_device
+
+__all__ = ["extract_features", "linear_probe", "knn_accuracy", "evaluate_run", "format_table"]
+
+def _subset(dataset: Dataset, n: int, seed: int) -> Dataset:
+    if len(dataset) <= n:
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(dataset, sorted(order.tolist()))
+
+
+@torch.no_grad()
+def extract_features(backbone: Backbone, dataset: Dataset, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Pooled features ``[n, D]`` and labels ``[n]`` of every sample, in eval mode."""
+    backbone.eval()
+    feats, labels = [], []
+    for raw in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        if "label" not in raw:
+            raise ValueError("evaluation needs a labelled dataset (samples with a 'label' field) in data.test")
+        raw = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in raw.items()}
+        feats.append(backbone.embed(raw).float().cpu())
+        labels.append(raw["label"].cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, iters: int = 100,
+                 l2: float = 1e-4) -> float:
+    """Test accuracy of multinomial logistic regression on standardized features (L-BFGS)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(xtr.shape[1], classes)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(xtr), train_y) + l2 * layer.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (layer(xte).argmax(1) == test_y).float().mean().item()
+
+
+def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, k: int = 20,
+                 temperature: float = 0.07) -> float:
+    """Weighted k-NN on cosine similarity (the DINO evaluation's vote)."""
+    xtr, xte = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
+    for start in range(0, len(xte), 1024):
+        sim = xte[start:start + 1024] @ xtr.T
+        top, idx = sim.topk(min(k, len(xtr)), dim=1)
+        votes = torch.zeros(len(top), classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start:start + 1024]).sum().item()
+    return correct / len(xte)
+
+
+def probe(backbone: Backbone, train: Dataset, test: Dataset, ev: Any, device: torch.device) -> dict[str, float]:
+    xtr, ytr = extract_features(backbone, train, ev.batch_size, device)
+    xte, yte = extract_features(backbone, test, ev.batch_size, device)
+    return {"linear_probe": linear_probe(xtr, ytr, xte, yte, ev.probe_iters, ev.probe_l2),
+            "knn": knn_accuracy(xtr, ytr, xte, yte, ev.knn_k)}
+
+
+def format_table(results: dict[str, dict[str, float]], k: int) -> str:
+    rows = ["| encoder | linear probe | k-NN (k=%d) |" % k, "|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {100 * r['linear_probe']:.1f}% | {100 * r['knn']:.1f}% |")
+    return "\n".join(rows)
+
+
+def evaluate_run(run_dir: Path, components: Any, pictures: Optional[bool] = None) -> dict[str, Any]:
+    """Probe the run's exported backbone and a random-init one; write ``eval/`` and return the results."""
+    folder = RunFolder(Path(run_dir))
+    cfg = load_run_config(folder.root)
+    device = resolve_device(cfg.run.device)
+    ev = cfg.eval
+    train = _subset(build_dataset(cfg, "train", components), ev.max_train, cfg.run.seed)
+    test = _subset(build_dataset(cfg, "test", components), ev.max_test, cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    random_init = build_backbone(cfg, components).to(device)
+    trained = load_exported(build_backbone(cfg, components), folder.export).to(device)
+    label = f"pre-trained ({cfg.recipe.name})"
+    results = {label: probe(trained, train, test, ev, device), "random init": probe(random_init, train, test, ev, device)}
+    folder.eval.mkdir(parents=True, exist_ok=True)
+    table = format_table(results, ev.knn_k)
+    summary = {"run": str(folder.root), "train_samples": len(train), "test_samples": len(test), "results": results}
+    (folder.eval / "results.json").write_text(json.dumps(summary, indent=2))
+    (folder.eval / "table.md").write_text(table + "\n")
+    if ev.pictures if pictures is None else pictures:
+        from .pictures import plot_loss_curve, plot_reconstructions
+
+        plot_loss_curve(folder)
+        plot_reconstructions(folder, cfg, components, trained, test, device)
+    summary["table"] = table
+    return summary

@@ -1,0 +1,98 @@
+"""Pictures for people: the loss curve and, for reconstruction objectives, input / masked input /
+reconstruction grids. Written into the run folder's ``eval/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from .backbone import Backbone  # noqa: E402
+from .build import build_masker, build_objectives  # noqa: E402
+from .checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from .data import collate  # noqa: E402
+from .objective import Batch  # noqa: E402
+from .runfolder import RunFolder  # noqa: E402
+
+__all__ = ["plot_loss_curve", "plot_reconstructions"]
+
+
+def plot_loss_curve(folder: RunFolder) -> Optional[Path]:
+    records = list(folder.read_metrics())
+    if not records:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    offset = 0
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        rows = [r for r in records if r["stage"] == stage]
+        ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=stage)
+        offset += rows[-1]["step"]
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=folder.root.name)
+    ax.legend()
+    fig.tight_layout()
+    path = folder.eval / "loss_curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone: Backbone, test: Dataset,
+                         device: torch.device, count: int = 8) -> list[Path]:
+    """One grid per stage objective that can ``predict`` targets, when the tokenizer can ``render``."""
+    tokenizer = backbone.tokenizer
+    if not hasattr(tokenizer, "render"):
+        return []
+    paths = []
+    raw = collate([test[i] for i in range(min(count, len(test)))])
+    raw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
+    for name, stage in cfg.recipe.stages.items():
+        final = folder.final(name)
+        masker = build_masker(stage, components)
+        if masker is None or not final.is_file():
+            continue
+        objectives, _ = build_objectives(stage, components, backbone)
+        load_model_state(objectives, load_checkpoint(final)["objectives"], f"{final} (objectives)")
+        objectives.to(device).eval()
+        backbone.eval()
+        tokens = backbone.tokenize(raw)
+        mask = masker(tokens, torch.Generator().manual_seed(0))
+        for label, objective in objectives.items():
+            if not hasattr(objective, "predict"):
+                continue
+            pred = objective.predict(Batch(raw, tokens, mask, torch.Generator()), backbone).float()
+            full = tokens.targets.float().clone()
+            full.scatter_(1, mask.target.unsqueeze(-1).expand(-1, -1, full.shape[-1]), pred)
+            shown = torch.zeros(tokens.x.shape[:2], dtype=torch.bool, device=device)
+            visible_only = shown.scatter(1, mask.visible, True)
+            both = visible_only.scatter(1, mask.target, True)
+            images = raw[tokenizer.input_key]
+            rows = [images, tokenizer.render(images, tokens.targets.float(), visible_only), tokenizer.render(images, full, both)]
+            paths.append(_grid(rows, ["input", "masked input", "reconstruction"], folder.eval / f"reconstruction_{name}_{label}.png"))
+    return paths
+
+
+def _grid(rows: list[torch.Tensor], titles: list[str], path: Path) -> Path:
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    for r, (images, title) in enumerate(zip(rows, titles)):
+        for c in range(n):
+            img = images[c].detach().float().cpu().clamp(0, 1)
+            ax = axes[r][c]
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img[:3].permute(1, 2, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,273 @@
+"""One trainer for every recipe: stages run in order, each with its objectives, masker and schedule.
+
+Per step: tokenize -> mask -> objectives (summed with weights) -> backward -> clip -> AdamW.
+bf16/fp16 autocast where the device supports it, a NaN/Inf guard, metrics to JSONL (and
+TensorBoard when installed), atomic checkpoints, and exact resume: the data order and
+augmentations are functions of the step (`core.data`), masks draw from a generator seeded by the
+step, and the global RNG state is saved with the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from tqdm import tqdm
+
+from .backbone import Backbone
+from .build import build_backbone, build_dataset, build_masker, build_objectives, build_transforms
+from .checkpoint import load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state
+from .config import save_config
+from .data import AugmentedDataset, make_loader, mix_seed
+from .objective import Batch
+from .runfolder import RunFolder
+from .schedule import build_optimizer, lr_at
+
+__all__ = ["Trainer", "NonFiniteLossError", "Preempted", "resolve_device", "autocast_for"]
+
+log = logging.getLogger("anymodal.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the run stops before the bad update is applied."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM/SIGUSR1 arrived: the run checkpointed and exits so it can be resumed."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={name} but torch sees no CUDA device (torch {torch.__version__})")
+    return device
+
+
+def autocast_for(device: torch.device, precision: str) -> tuple[Any, Optional[torch.dtype]]:
+    """(context manager factory, dtype) for ``run.precision``."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"run.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    dtype = dtypes[precision]
+    if dtype is None:
+        return contextlib.nullcontext, None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _Signals:
+    """Turns SIGTERM/SIGUSR1 into a flag checked between steps, so a save is never interrupted."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Runs a config's recipe in a run folder.
+
+    Args:
+        cfg: the composed, validated config.
+        components: the loaded plugin components.
+        run_dir: the run folder.
+        resume: continue from ``checkpoints/last.pt`` if it exists.
+    """
+
+    def __init__(self, cfg: DictConfig, components: Any, run_dir: Path, resume: bool = False) -> None:
+        self.cfg, self.components = cfg, components
+        self.folder = RunFolder(Path(run_dir))
+        self.resume = resume
+        self.device = resolve_device(cfg.run.device)
+        self.autocast, self.amp_dtype = autocast_for(self.device, cfg.run.precision)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        torch.manual_seed(cfg.run.seed)
+        self.backbone: Backbone = build_backbone(cfg, components).to(self.device)
+        self.key = self.backbone.tokenizer.input_key
+        self._writer = None
+
+    # ---- the recipe -------------------------------------------------------------------------
+    def run(self) -> None:
+        stages = list(self.cfg.recipe.stages.items())
+        state = None
+        if self.resume and self.folder.last.is_file():
+            state = load_checkpoint(self.folder.last)
+            names = [n for n, _ in stages]
+            if state["stage"] not in names:
+                raise RuntimeError(f"{self.folder.last} is from stage {state['stage']!r}, which this recipe "
+                                   f"({', '.join(names)}) does not have")
+            self._truncate_metrics(state)
+            log.info("resuming stage %s at step %d from %s", state["stage"], state["step"], self.folder.last)
+        elif self.folder.last.is_file():
+            raise FileExistsError(f"{self.folder.root} already holds a run; pass --resume to continue it or choose another folder")
+        save_config(self.cfg, self.folder.config)
+        started = state is None
+        for index, (name, stage) in enumerate(stages):
+            if not started:
+                if name != state["stage"]:
+                    continue  # finished before the checkpoint; its weights are in the checkpoint
+                started = True
+                self._train_stage(index, name, stage, state)
+            else:
+                self._train_stage(index, name, stage, None)
+        self.export()
+
+    def _truncate_metrics(self, state: dict[str, Any]) -> None:
+        """Drop metric lines written after the checkpoint, so the resumed run's file is continuous."""
+        kept, done = [], False
+        for rec in self.folder.read_metrics():
+            if rec.get("stage") == state["stage"] and rec.get("step", 0) > state["step"]:
+                done = True
+            if not done:
+                kept.append(rec)
+        self.folder.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # ---- one stage --------------------------------------------------------------------------
+    def _train_stage(self, index: int, name: str, stage: Any, state: Optional[dict[str, Any]]) -> None:
+        cfg = self.cfg
+        objectives, weights = build_objectives(stage, self.components, self.backbone)
+        objectives.to(self.device)
+        masker = build_masker(stage, self.components)
+        model = nn.ModuleDict({"backbone": self.backbone, "objectives": objectives})
+        optimizer = build_optimizer(model, stage.optim, self.device)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        step = 0
+        if state is not None:
+            load_model_state(self.backbone, state["backbone"], f"checkpoint {self.folder.last} (backbone)")
+            load_model_state(objectives, state["objectives"], f"checkpoint {self.folder.last} (objectives of stage {name})")
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            step = int(state["step"])
+        if step >= stage.steps:
+            return
+        batch_size = stage.batch_size or cfg.data.batch_size
+        dataset = AugmentedDataset(build_dataset(cfg, "train", self.components), build_transforms(cfg, self.components),
+                                   self.key, mix_seed(cfg.run.seed, index))
+        loader = make_loader(dataset, batch_size, mix_seed(cfg.run.seed, index), start_step=step,
+                             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        model.train()
+        bar = tqdm(total=stage.steps, initial=step, desc=name, disable=not cfg.run.progress, dynamic_ncols=True)
+        last_time, last_step = time.perf_counter(), step
+        with _Signals() as signals:
+            for raw in loader:
+                lr = lr_at(step, stage.steps, stage.optim.lr, stage.optim.warmup_steps, stage.optim.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                metrics = self._step(index, name, step, raw, model, objectives, weights, masker, optimizer, scaler, stage)
+                step += 1
+                bar.update(1)
+                if step % cfg.run.log_every == 0 or step == stage.steps:
+                    now = time.perf_counter()
+                    rate = (step - last_step) * batch_size / max(now - last_time, 1e-9)
+                    last_time, last_step = now, step
+                    self._log({"stage": name, "step": step, "lr": lr, "samples_per_s": rate, **metrics})
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
+                if step == stage.steps or step % cfg.run.checkpoint_every == 0 or signals.received:
+                    self._save(name, step, model, optimizer, scaler)
+                if signals.received:
+                    bar.close()
+                    raise Preempted(128 + signals.received)
+                if step >= stage.steps:
+                    break
+        bar.close()
+        save_atomic({"stage": name, "backbone": self.backbone.state_dict(), "objectives": objectives.state_dict()},
+                    self.folder.final(name))
+
+    def _step(self, index: int, name: str, step: int, raw: dict[str, Any], model: nn.Module, objectives: nn.ModuleDict,
+              weights: dict[str, float], masker: Any, optimizer: torch.optim.Optimizer, scaler: Any, stage: Any) -> dict[str, float]:
+        raw = _to_device(raw, self.device)
+        generator = torch.Generator().manual_seed(mix_seed(self.cfg.run.seed, index, step, 1))
+        metrics: dict[str, float] = {}
+        with self.autocast():
+            tokens = self.backbone.tokenize(raw)
+            mask = masker(tokens, generator) if masker is not None else None
+            batch = Batch(raw, tokens, mask, generator)
+            loss = torch.zeros((), device=self.device)
+            for label, objective in objectives.items():
+                out = objective(batch, self.backbone)
+                loss = loss + weights[label] * out.loss.float()
+                metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
+        value = loss.item()
+        if not math.isfinite(value):
+            last = self.folder.last if self.folder.last.is_file() else None
+            raise NonFiniteLossError(
+                f"loss is {value} at stage {name!r} step {step + 1} ({', '.join(f'{k}={v}' for k, v in metrics.items())}); "
+                f"the update was not applied. Last good checkpoint: {last or 'none written yet'}"
+                + (f" (continue with --resume after fixing the cause)" if last else ""))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        grad_norm = float("nan")
+        if stage.optim.clip_grad:
+            scaler.unscale_(optimizer)
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), stage.optim.clip_grad))
+        scaler.step(optimizer)
+        scaler.update()
+        return {"loss": value, "grad_norm": grad_norm, **metrics}
+
+    def _save(self, name: str, step: int, model: nn.ModuleDict, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        save_atomic({
+            "stage": name,
+            "step": step,
+            "backbone": model["backbone"].state_dict(),
+            "objectives": model["objectives"].state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+        }, self.folder.last)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.folder.metrics.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.folder.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(f"{record['stage']}/{k}", v, record["step"])
+
+    def _tensorboard(self) -> Any:
+        if self._writer is None and self.cfg.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                self._writer = False
+            else:
+                self._writer = SummaryWriter(str(self.folder.logs / "tensorboard"))
+        return self._writer or None
+
+    # ---- export -----------------------------------------------------------------------------
+    def export(self) -> Path:
+        """Backbone weights as safetensors plus the config sections needed to rebuild it."""
+        from .export import export_backbone
+
+        return export_backbone(self.backbone, self.cfg, self.folder.export)

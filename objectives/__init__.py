@@ -1,0 +1,1 @@
+"""Objectives: one module per family, each registered by name through the built-in plugin."""

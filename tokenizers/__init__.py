@@ -1,0 +1,1 @@
+"""Tokenizers: one module per modality, raw tensors -> `Tokens`."""
