@@ -61,7 +61,11 @@ def build_dataset(cfg: DictConfig, split: str, components: Any) -> Dataset:
 
 
 def build_transforms(cfg: DictConfig, components: Any) -> list:
-    return [components.transform.build(*_split_name(node)) for node in cfg.data.transforms]
+    transforms = []
+    for node in cfg.data.transforms:
+        name, kwargs = _split_name(node)
+        transforms.append(components.transform.build(name, **kwargs))
+    return transforms
 
 
 def build_masker(stage: Any, components: Any) -> Any:

@@ -70,6 +70,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if "=" in args.config:  # `anymodal demo a.b=c`: an override, not a config file
+        args.overrides, args.config = [args.config, *args.overrides], "default"
     start = time.perf_counter()
     run_dir = args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = train(args.config, args.overrides, run_dir)

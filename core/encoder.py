@@ -78,7 +78,7 @@ class Encoder(nn.Module):
         self.posenc = posenc
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # no tensor: works on the meta device
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r, attn_backend) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.reset_parameters()

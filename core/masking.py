@@ -51,6 +51,8 @@ def _grid_of(tokens: Tokens) -> tuple[int, ...]:
 
 def _split_ratio(n_real: int, ratio: float) -> tuple[int, int]:
     """(visible, target) counts for a masking ratio over ``n_real`` tokens; at least one visible."""
+    if n_real < 1:
+        raise ValueError("cannot mask a batch in which a sample has no real tokens (all padding)")
     n_target = min(int(round(ratio * n_real)), n_real - 1)
     return n_real - n_target, n_target
 
@@ -138,7 +140,8 @@ class BlockMasker:
             if bool(((masked & valid_cpu).sum(1) >= n_tgt).all()):
                 break
             lo, hi = _sample_boxes(grid, len(pos), self.block_scale, self.aspect, generator, span_leading=False)
-            masked |= _inside(pos, lo, hi)
+            need = (masked & valid_cpu).sum(1) < n_tgt  # only samples still short of their count grow
+            masked |= _inside(pos, lo, hi) & need[:, None]
         # visible: unmasked first; the target count is met from blocks, topped up at random
         priority = torch.rand(valid.shape, generator=generator) + masked.float()
         visible = _take(priority, valid_cpu, 0, n_vis)

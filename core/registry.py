@@ -59,7 +59,7 @@ class Registry:
             valid = sorted(self._entries)
             near = closest(name, valid)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} registered {self.kind}s: {', '.join(valid) or '(none)'}")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}; registered {self.kind}s: {', '.join(valid) or '(none)'}")
         return self._entries[name]
 
     def build(self, name: str, /, **kwargs: Any) -> Any:

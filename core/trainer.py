@@ -125,6 +125,8 @@ class Trainer:
             if state["stage"] not in names:
                 raise RuntimeError(f"{self.folder.last} is from stage {state['stage']!r}, which this recipe "
                                    f"({', '.join(names)}) does not have")
+            # refuse a checkpoint of another model before anything in the folder is touched
+            load_model_state(self.backbone, state["backbone"], f"checkpoint {self.folder.last} (backbone)")
             self._truncate_metrics(state)
             log.info("resuming stage %s at step %d from %s", state["stage"], state["step"], self.folder.last)
         elif self.folder.last.is_file():
@@ -162,7 +164,6 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         step = 0
         if state is not None:
-            load_model_state(self.backbone, state["backbone"], f"checkpoint {self.folder.last} (backbone)")
             load_model_state(objectives, state["objectives"], f"checkpoint {self.folder.last} (objectives of stage {name})")
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])

