@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
 from .backbone import Backbone  # noqa: E402
 from .build import build_masker, build_objectives  # noqa: E402

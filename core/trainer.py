@@ -224,7 +224,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss is {value} at stage {name!r} step {step + 1} ({', '.join(f'{k}={v}' for k, v in metrics.items())}); "
                 f"the update was not applied. Last good checkpoint: {last or 'none written yet'}"
-                + (f" (continue with --resume after fixing the cause)" if last else ""))
+                + (" (continue with --resume after fixing the cause)" if last else ""))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         grad_norm = float("nan")

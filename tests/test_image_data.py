@@ -18,6 +18,8 @@ from anymodal.plugins.builtin.image_data import (
     DigitsDataset,
     ImageFolderDataset,
     MnistDataset,
+)
+from anymodal.plugins.builtin.image_transforms import (
     Normalize,
     RandomHorizontalFlip,
     RandomResizedCrop,

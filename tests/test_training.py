@@ -1,10 +1,8 @@
 """The trainer for real: subprocess runs, kill -9 and --resume, SIGTERM, NaN guard, torn writes."""
 
-import json
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 

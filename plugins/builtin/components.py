@@ -9,7 +9,7 @@ from ...core.masking import BlockMasker, MultiBlockMasker, RandomMasker, TubeMas
 from ...objectives.masked_pixel import MaskedPixel
 from ...tokenizers.image import ImagePatchTokenizer
 from .. import hookimpl
-from . import image_data
+from . import image_data, image_transforms
 
 
 @hookimpl
@@ -29,11 +29,11 @@ def register_datasets():
 @hookimpl
 def register_transforms():
     return {
-        "random_resized_crop": image_data.RandomResizedCrop,
-        "random_horizontal_flip": image_data.RandomHorizontalFlip,
-        "resize": image_data.Resize,
-        "normalize": image_data.Normalize,
-        "random_translate": image_data.RandomTranslate,
+        "random_resized_crop": image_transforms.RandomResizedCrop,
+        "random_horizontal_flip": image_transforms.RandomHorizontalFlip,
+        "resize": image_transforms.Resize,
+        "normalize": image_transforms.Normalize,
+        "random_translate": image_transforms.RandomTranslate,
     }
 
 
