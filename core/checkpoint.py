@@ -16,13 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["save_atomic", "load_checkpoint", "CheckpointError", "rng_state", "set_rng_state", "load_model_state"]
+__all__ = ["save_atomic", "load_checkpoint", "CheckpointError", "StateMismatchError", "rng_state", "set_rng_state", "load_model_state"]
 
 FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or that belongs to another model."""
+
+
+class StateMismatchError(CheckpointError, ValueError):
+    """Weights whose keys or shapes do not fit the module they are loaded into."""
 
 
 def save_atomic(state: Mapping[str, Any], path: Path) -> None:
@@ -65,12 +69,13 @@ def load_model_state(module: nn.Module, state: Mapping[str, torch.Tensor], what:
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} keys (first: {', '.join(missing[:4])})")
+            parts.append(f"{len(missing)} keys of the model are missing (first: {', '.join(missing[:4])})")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (first: {', '.join(unexpected[:4])})")
+            parts.append(f"{len(unexpected)} keys are not in the model (first: {', '.join(unexpected[:4])})")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
-        raise CheckpointError(f"{what} was saved from a different model: " + "; ".join(parts))
+        raise StateMismatchError(f"{what}: the weights do not fit this model (another architecture or config): "
+                                 + "; ".join(parts))
     module.load_state_dict(state, strict=True)
 
 

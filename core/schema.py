@@ -44,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class ModalityConfig:
-    name: str = "image"
+    name: str = ""  # set by the modality file; a label, never branched on
     tokenizer: Dict[str, Any] = field(default_factory=dict)
     masker: Dict[str, Any] = field(default_factory=dict)  # the modality's default masker
 

@@ -46,6 +46,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_model_state
+
 __all__ = ["import_timm", "FrozenBatchNorm2d", "backbone_state_from_timm_vit", "load_timm_vit"]
 
 log = logging.getLogger(__name__)
@@ -307,23 +309,6 @@ def load_timm_vit(backbone: nn.Module, state: Mapping[str, Tensor]) -> nn.Module
     table = getattr(getattr(backbone.encoder, "posenc", None), "table", None)
     num_patches = table.shape[0] if isinstance(table, Tensor) else None
     converted = backbone_state_from_timm_vit(state, num_patches=num_patches)
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in converted]
-    unexpected = [k for k in converted if k not in expected]
-    shapes = [f"{k}: timm gives {tuple(converted[k].shape)}, backbone has {tuple(expected[k].shape)}"
-              for k in converted if k in expected and converted[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        problems = []
-        if missing:
-            problems.append(f"missing from the timm weights: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"not in the backbone: {', '.join(unexpected)}")
-        if shapes:
-            problems.append(f"shape mismatches: {'; '.join(shapes)}")
-        raise ValueError(
-            "timm ViT weights do not fit this Backbone; " + ". ".join(problems) + ". Build the backbone with "
-            "the timm model's width, depth, patch size, image size (grid), channels and class token "
-            "(Encoder(..., posenc=LearnedPosEnc(dim, grid_size), cls_token=...))."
-        )
-    backbone.load_state_dict(converted, strict=True)
+    load_model_state(backbone, converted, "timm ViT weights (build the backbone with the timm model's width, depth, "
+                     "patch size, image size, channels and class token)")
     return backbone

@@ -344,7 +344,7 @@ def test_load_timm_vit_mismatch_names_keys(timm):
     with pytest.raises(ValueError, match=r"tokenizer\.proj\.weight.*\(192, 3, 4, 4\)"):
         load_timm_vit(wrong_patch, state)
     too_shallow = vit_backbone(192, 1, 3, image_size=32, patch=4)
-    with pytest.raises(ValueError, match=r"not in the backbone: encoder\.blocks\.1\."):
+    with pytest.raises(ValueError, match=r"not in the model \(first: encoder\.blocks\.1\."):
         load_timm_vit(too_shallow, state)
 
 

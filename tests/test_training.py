@@ -79,7 +79,7 @@ def test_checkpoint_from_another_model_is_refused(reference_run, tmp_path):
     proc = anymodal("train", "tiny-test", "--run-dir", reference_run, "--resume", "model.dim=32",
                     "recipe.stages.pretrain.steps=40", check=False)
     assert proc.returncode == 2
-    assert "different model" in proc.stderr and "shape" in proc.stderr and "Traceback" not in proc.stderr
+    assert "do not fit this model" in proc.stderr and "shape" in proc.stderr and "Traceback" not in proc.stderr
 
 
 NAN_PLUGIN = '''
