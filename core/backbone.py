@@ -33,8 +33,8 @@ class Backbone(nn.Module):
             raise KeyError(f"batch has no field {key!r} for the tokenizer; fields: {', '.join(sorted(batch))}")
         return self.tokenizer(batch[key])
 
-    def encode(self, tokens: Tokens, index: Optional[Tensor] = None) -> Encoded:
-        return self.encoder(tokens, index)
+    def encode(self, tokens: Tokens, index: Optional[Tensor] = None, layers: int = 0) -> Encoded:
+        return self.encoder(tokens, index, layers)
 
     def pool(self, encoded: Encoded) -> Tensor:
         return encoded.pool(self.pool_mode)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -15,7 +15,8 @@ from .encoder import ENCODER_SIZES, Encoder
 from .posenc import build_posenc
 from .registry import closest
 
-__all__ = ["encoder_shape", "build_backbone", "build_dataset", "build_transforms", "build_masker", "build_objectives"]
+__all__ = ["encoder_shape", "build_backbone", "build_dataset", "build_transforms", "build_masker", "build_objectives",
+           "build_teacher"]
 
 
 def _plain(node: Any) -> dict:
@@ -75,11 +76,35 @@ def build_masker(stage: Any, components: Any) -> Any:
     return components.masker.build(name, **kwargs)
 
 
-def build_objectives(stage: Any, components: Any, backbone: Backbone) -> tuple[nn.ModuleDict, dict[str, float]]:
-    """The stage's objectives (label -> module) and their loss weights."""
+def build_teacher(stage: Any, components: Any, student: Backbone, folder: Any) -> Optional[nn.Module]:
+    """The stage's teacher (frozen or EMA), or None when the stage names none."""
+    if not stage.teacher:
+        return None
+    name, kwargs = _split_name(stage.teacher)
+    if "folder" in inspect.signature(components.teacher.entry(name).factory).parameters:
+        kwargs["folder"] = folder
+    return components.teacher.build(name, student=student, **kwargs)
+
+
+def build_objectives(stage: Any, components: Any, backbone: Backbone,
+                     teacher: Optional[nn.Module] = None) -> tuple[nn.ModuleDict, dict[str, float]]:
+    """The stage's objectives (label -> module) and their loss weights.
+
+    Factories get ``dim`` and ``tokenizer`` (the student's), and ``teacher_dim`` when they take it.
+
+    Raises:
+        ValueError: an objective needs a masker or a teacher that the stage does not give.
+    """
     modules, weights = nn.ModuleDict(), {}
     for label, node, weight in objective_nodes(stage):
         name = node.pop("name")
+        factory = components.objective.entry(name).factory
+        if getattr(factory, "needs_mask", False) and not stage.masker:
+            raise ValueError(f"objective {label!r} ({name}) needs a masker: set the stage's `masker:`")
+        if getattr(factory, "needs_teacher", False) and teacher is None:
+            raise ValueError(f"objective {label!r} ({name}) needs a teacher: set the stage's `teacher:` (ema, stage, timm)")
+        if "teacher_dim" in inspect.signature(factory).parameters:
+            node.setdefault("teacher_dim", getattr(teacher, "dim", None))
         modules[label] = components.objective.build(name, dim=backbone.encoder.dim, tokenizer=backbone.tokenizer, **node)
         weights[label] = weight
     return modules, weights

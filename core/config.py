@@ -10,6 +10,7 @@ file, ``a.b.c=value`` sets a key (values parse as YAML). Every key is checked ag
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -190,9 +191,11 @@ def _component_errors(node: Any, registry: Any, key: str, source: str, injected:
         near = closest(str(name), registry.names())
         hint = f"; did you mean {near[0]!r}?" if near else ""
         return [f"{key}.name: unknown {registry.kind} {name!r} (from {source}){hint}; registered: {', '.join(registry.names())}"]
+    factory = registry.entry(name).factory
+    accepted = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in node.items() if k != "name"}
-    kwargs.update({k: None for k in injected})
-    return [f"{key} ({registry.kind} {name!r}, from {source}): {e}" for e in signature_errors(registry.entry(name).factory, kwargs)]
+    kwargs.update({k: None for k in injected if k in accepted})  # filled in by the builder
+    return [f"{key} ({registry.kind} {name!r}, from {source}): {e}" for e in signature_errors(factory, kwargs)]
 
 
 def objective_nodes(stage: Any) -> list[tuple[str, dict, float]]:
@@ -231,9 +234,19 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         errors += _component_errors(node, components.transform, f"data.transforms.{i}", src("data.transforms"), [])
     if not cfg["recipe"]["stages"]:
         errors.append(f"recipe {cfg['recipe']['name']!r} (from {src('recipe')}) has no stages")
+    earlier: list[str] = []
     for stage_name, stage in composed.cfg.recipe.stages.items():
         prefix = f"recipe.stages.{stage_name}"
         resolved_stage = cfg["recipe"]["stages"][stage_name]
+        teacher = resolved_stage["teacher"]
+        if teacher:
+            errors += _component_errors(teacher, components.teacher, f"{prefix}.teacher", src(f"{prefix}.teacher"),
+                                        ["student", "folder"])
+        for key, ref in (("init_from", resolved_stage["init_from"]), ("teacher.stage", (teacher or {}).get("stage"))):
+            if ref is not None and ref not in earlier:
+                errors.append(f"{prefix}.{key} (from {src(prefix + '.' + key)}) names stage {ref!r}, which is not an "
+                              f"earlier stage of this recipe (earlier: {', '.join(earlier) or 'none'})")
+        earlier.append(stage_name)
         if resolved_stage["masker"]:
             errors += _component_errors(resolved_stage["masker"], components.masker, f"{prefix}.masker", src(f"{prefix}.masker"), [])
         if not resolved_stage["objectives"]:

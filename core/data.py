@@ -55,11 +55,14 @@ class AugmentedDataset(Dataset):
         transforms: callables ``(tensor, generator) -> tensor`` applied in order.
         key: the sample field they apply to.
         seed: the run's seed.
+        views: 2 adds ``<key>_view2``, the same sample augmented independently (two-view objectives).
     """
 
     def __init__(self, dataset: Dataset, transforms: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
-                 key: str, seed: int) -> None:
-        self.dataset, self.transforms, self.key, self.seed = dataset, list(transforms), key, seed
+                 key: str, seed: int, views: int = 1) -> None:
+        if views not in (1, 2):
+            raise ValueError(f"data.views must be 1 or 2, got {views}")
+        self.dataset, self.transforms, self.key, self.seed, self.views = dataset, list(transforms), key, seed, views
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -67,14 +70,17 @@ class AugmentedDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, epoch = item
         sample = dict(self.dataset[index])
-        if self.transforms:
-            if self.key not in sample:
-                raise KeyError(f"transforms apply to field {self.key!r}, but the dataset's samples have {sorted(sample)}")
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
-            x = sample[self.key]
+        if not self.transforms and self.views == 1:
+            return sample
+        if self.key not in sample:
+            raise KeyError(f"transforms apply to field {self.key!r}, but the dataset's samples have {sorted(sample)}")
+        original = sample[self.key]
+        for view in range(self.views):
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, view))
+            x = original
             for t in self.transforms:
                 x = t(x, generator)
-            sample[self.key] = x
+            sample[self.key if view == 0 else f"{self.key}_view2"] = x
         return sample
 
 

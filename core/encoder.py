@@ -3,7 +3,7 @@ during masked pre-training) and never sees mask tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -31,10 +31,13 @@ class Encoded:
         tokens: the encoded tokens; ``tokens.x [B, M, D]`` are features, other fields are the
             input's (positions, padding, targets) for the tokens that were encoded.
         cls: the class token's feature ``[B, D]``, or None.
+        layers: when asked for, the outputs of the last k blocks (before the final norm), each
+            ``[B, M, D]`` over the encoded tokens (no class token), oldest first.
     """
 
     tokens: Tokens
     cls: Optional[Tensor]
+    layers: list[Tensor] = field(default_factory=list)
 
     def pool(self, mode: str = "mean") -> Tensor:
         """One vector per sample: ``cls`` or the ``mean`` over real tokens. ``[B, D]``."""
@@ -91,8 +94,14 @@ class Encoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, tokens: Tokens, index: Optional[Tensor] = None) -> Encoded:
-        """Encode ``tokens``, or only the tokens at ``index [B, M]`` (gathered, never masked in place)."""
+    def forward(self, tokens: Tokens, index: Optional[Tensor] = None, layers: int = 0) -> Encoded:
+        """Encode ``tokens``, or only the tokens at ``index [B, M]`` (gathered, never masked in place).
+
+        Args:
+            tokens: the token sets.
+            index: ``[B, M]`` indices of the tokens to encode; None encodes all.
+            layers: also return the outputs of the last ``layers`` blocks (for layer-wise distillation).
+        """
         if index is not None:
             tokens = tokens.select(index)
         x = tokens.x + self.posenc(tokens.pos).to(tokens.x.dtype)
@@ -102,9 +111,11 @@ class Encoder(nn.Module):
             x = torch.cat([cls, x], dim=1)
             if keep is not None:
                 keep = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1)
-        for block in self.blocks:
+        prefix = 0 if self.cls_token is None else 1
+        kept = []
+        for i, block in enumerate(self.blocks):
             x = block(x, keep)
+            if i >= len(self.blocks) - layers:
+                kept.append(x[:, prefix:])
         x = self.norm(x)
-        if self.cls_token is not None:
-            return Encoded(tokens.with_x(x[:, 1:]), x[:, 0])
-        return Encoded(tokens.with_x(x), None)
+        return Encoded(tokens.with_x(x[:, prefix:]), x[:, 0] if prefix else None, kept)

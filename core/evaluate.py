@@ -9,20 +9,21 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .backbone import Backbone
-from .build import build_backbone, build_dataset
-from .config import load_run_config
+from .build import build_backbone, build_dataset, build_objectives, build_teacher
+from .checkpoint import load_checkpoint, load_model_state
+from .config import load_run_config, objective_nodes
 from .data import collate
+from .device import resolve_device
 from .export import load_exported
 from .runfolder import RunFolder
-from .trainer import resolve_device
 
-__all__ = ["extract_features", "linear_probe", "knn_accuracy", "evaluate_run", "format_table"]
+__all__ = ["extract_features", "linear_probe", "knn_accuracy", "evaluate_run", "format_table", "subset"]
 
-def _subset(dataset: Dataset, n: int, seed: int) -> Dataset:
+def subset(dataset: Dataset, n: int, seed: int) -> Dataset:
     if len(dataset) <= n:
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
@@ -85,10 +86,58 @@ def probe(backbone: Backbone, train: Dataset, test: Dataset, ev: Any, device: to
             "knn": knn_accuracy(xtr, ytr, xte, yte, ev.knn_k)}
 
 
+def stage_objectives(folder: RunFolder, components: Any, backbone: Backbone, name: str, stage: Any) -> Optional[nn.ModuleDict]:
+    """A finished stage's objectives with their trained weights (heads, decoders, text towers)."""
+    final = folder.final(name)
+    if not final.is_file():
+        return None
+    teacher = build_teacher(stage, components, backbone, folder)
+    objectives, _ = build_objectives(stage, components, backbone, teacher)
+    load_model_state(objectives, load_checkpoint(final)["objectives"], f"{final} (objectives)")
+    return objectives.to(next(backbone.parameters()).device).eval()
+
+
+@torch.no_grad()
+def retrieval(objective: nn.Module, backbone: Backbone, dataset: Dataset, batch_size: int,
+              device: torch.device) -> dict[str, float]:
+    """Zero-shot retrieval R@1/R@5 both ways between samples and their partners (captions).
+
+    Identical captions are interchangeable: retrieving any sample whose caption equals the query's
+    counts as a hit (label-derived captions repeat, which makes this zero-shot classification).
+    """
+    backbone.eval()
+    za, zb, keys = [], [], []
+    for raw in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        raw = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in raw.items()}
+        za.append(objective.embed_sample(raw, backbone).float().cpu())
+        zb.append(objective.embed_partner(raw, backbone).float().cpu())
+        keys += list(raw[objective.partner_key])
+    za, zb = torch.cat(za), torch.cat(zb)
+    ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    group = torch.tensor([ids[k] for k in keys])
+    same = group[:, None] == group[None, :]
+    sim = za @ zb.T
+    out = {}
+    for direction, s in (("sample_to_partner", sim), ("partner_to_sample", sim.T)):
+        top = s.topk(5, dim=1).indices
+        hits = torch.gather(same, 1, top)
+        out[f"{direction}_r1"] = hits[:, 0].float().mean().item()
+        out[f"{direction}_r5"] = hits.any(1).float().mean().item()
+    return out
+
+
 def format_table(results: dict[str, dict[str, float]], k: int) -> str:
     rows = ["| encoder | linear probe | k-NN (k=%d) |" % k, "|---|---|---|"]
     for name, r in results.items():
         rows.append(f"| {name} | {100 * r['linear_probe']:.1f}% | {100 * r['knn']:.1f}% |")
+    return "\n".join(rows)
+
+
+def format_retrieval(retrieval: dict[str, dict[str, float]]) -> str:
+    rows = ["| stage/objective | sample->text R@1 | R@5 | text->sample R@1 | R@5 |", "|---|---|---|---|---|"]
+    for name, r in retrieval.items():
+        rows.append(f"| {name} | {100 * r['sample_to_partner_r1']:.1f}% | {100 * r['sample_to_partner_r5']:.1f}% | "
+                    f"{100 * r['partner_to_sample_r1']:.1f}% | {100 * r['partner_to_sample_r5']:.1f}% |")
     return "\n".join(rows)
 
 
@@ -98,8 +147,8 @@ def evaluate_run(run_dir: Path, components: Any, pictures: Optional[bool] = None
     cfg = load_run_config(folder.root)
     device = resolve_device(cfg.run.device)
     ev = cfg.eval
-    train = _subset(build_dataset(cfg, "train", components), ev.max_train, cfg.run.seed)
-    test = _subset(build_dataset(cfg, "test", components), ev.max_test, cfg.run.seed)
+    train = subset(build_dataset(cfg, "train", components), ev.max_train, cfg.run.seed)
+    test = subset(build_dataset(cfg, "test", components), ev.max_test, cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     random_init = build_backbone(cfg, components).to(device)
     trained = load_exported(build_backbone(cfg, components), folder.export).to(device)
@@ -107,8 +156,20 @@ def evaluate_run(run_dir: Path, components: Any, pictures: Optional[bool] = None
     results = {label: probe(trained, train, test, ev, device), "random init": probe(random_init, train, test, ev, device)}
     folder.eval.mkdir(parents=True, exist_ok=True)
     table = format_table(results, ev.knn_k)
-    summary = {"run": str(folder.root), "train_samples": len(train), "test_samples": len(test), "results": results}
+    summary = {"run": str(folder.root), "train_samples": len(train), "test_samples": len(test), "results": results,
+               "retrieval": {}}
+    few = subset(test, ev.retrieval_samples, cfg.run.seed)
+    for name, stage in cfg.recipe.stages.items():
+        objectives = None
+        for label, node, _ in objective_nodes(stage):
+            if not hasattr(components.objective.entry(node["name"]).factory, "embed_partner"):
+                continue
+            objectives = objectives or stage_objectives(folder, components, trained, name, stage)
+            if objectives is not None:
+                summary["retrieval"][f"{name}/{label}"] = retrieval(objectives[label], trained, few, ev.batch_size, device)
     (folder.eval / "results.json").write_text(json.dumps(summary, indent=2))
+    if summary["retrieval"]:
+        table += "\n\n" + format_retrieval(summary["retrieval"])
     (folder.eval / "table.md").write_text(table + "\n")
     if ev.pictures if pictures is None else pictures:
         from .pictures import plot_loss_curve, plot_reconstructions

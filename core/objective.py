@@ -23,12 +23,14 @@ class Batch:
         tokens: the student tokenizer's output for ``raw``.
         mask: the stage masker's choice, or None when the stage does not mask.
         generator: the step's generator, for objectives that draw random numbers (shuffles).
+        cache: per-batch memo (teacher outputs), so objectives sharing a teacher run it once.
     """
 
     raw: dict[str, Any]
     tokens: Tokens
     mask: Optional[Mask]
     generator: torch.Generator
+    cache: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -14,9 +14,9 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from .backbone import Backbone  # noqa: E402
-from .build import build_masker, build_objectives  # noqa: E402
-from .checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from .build import build_masker  # noqa: E402
 from .data import collate  # noqa: E402
+from .evaluate import stage_objectives  # noqa: E402
 from .objective import Batch  # noqa: E402
 from .runfolder import RunFolder  # noqa: E402
 
@@ -53,13 +53,11 @@ def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone:
     raw = collate([test[i] for i in range(min(count, len(test)))])
     raw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
     for name, stage in cfg.recipe.stages.items():
-        final = folder.final(name)
         masker = build_masker(stage, components)
-        if masker is None or not final.is_file():
+        objectives = stage_objectives(folder, components, backbone, name, stage) if masker is not None else None
+        if objectives is None:
             continue
-        objectives, _ = build_objectives(stage, components, backbone)
-        load_model_state(objectives, load_checkpoint(final)["objectives"], f"{final} (objectives)")
-        objectives.to(device).eval()
+        objectives.to(device)
         backbone.eval()
         tokens = backbone.tokenize(raw)
         mask = masker(tokens, torch.Generator().manual_seed(0))

@@ -57,6 +57,7 @@ class DataConfig:
     batch_size: int = 64
     num_workers: int = 0
     strict: bool = False  # fail on the first corrupt file instead of skipping and counting
+    views: int = 1  # 2: each sample also carries an independently augmented `<key>_view2`
 
 
 @dataclass
@@ -73,8 +74,11 @@ class OptimConfig:
 @dataclass
 class StageConfig:
     steps: int = 100
+    epochs: Optional[float] = None  # when set, the stage runs ceil(epochs * samples / batch) steps instead
     objectives: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # label -> {name?, weight, kwargs}
     masker: Optional[Dict[str, Any]] = None
+    teacher: Optional[Dict[str, Any]] = None  # {name: ema|stage|timm|<plugin's>, ...}
+    init_from: Optional[str] = None  # start from this earlier stage's final backbone (default: carry on)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: Optional[int] = None  # overrides data.batch_size for this stage
 
@@ -94,6 +98,9 @@ class EvalConfig:
     probe_l2: float = 1e-4  # L2 penalty of the linear probe (features are standardized)
     knn_k: int = 20
     pictures: bool = True
+    retrieval_samples: int = 1000  # test samples ranked for zero-shot retrieval (contrastive stages)
+    monitor_every: int = 0  # online k-NN and collapse monitors every N steps during training; 0 = off
+    monitor_samples: int = 1000  # labelled samples the online monitor uses (half reference, half query)
 
 
 @dataclass

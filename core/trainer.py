@@ -24,15 +24,17 @@ from torch import nn
 from tqdm import tqdm
 
 from .backbone import Backbone
-from .build import build_backbone, build_dataset, build_masker, build_objectives, build_transforms
+from .build import build_backbone, build_dataset, build_masker, build_objectives, build_teacher, build_transforms
 from .checkpoint import load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state
 from .config import save_config
+from .device import autocast_for, resolve_device
 from .data import AugmentedDataset, make_loader, mix_seed
+from .monitor import OnlineMonitor
 from .objective import Batch
 from .runfolder import RunFolder
 from .schedule import build_optimizer, lr_at
 
-__all__ = ["Trainer", "NonFiniteLossError", "Preempted", "resolve_device", "autocast_for"]
+__all__ = ["Trainer", "NonFiniteLossError", "Preempted", "stage_steps"]
 
 log = logging.getLogger("anymodal.train")
 
@@ -45,26 +47,11 @@ class Preempted(SystemExit):
     """SIGTERM/SIGUSR1 arrived: the run checkpointed and exits so it can be resumed."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name} but torch sees no CUDA device (torch {torch.__version__})")
-    return device
-
-
-def autocast_for(device: torch.device, precision: str) -> tuple[Any, Optional[torch.dtype]]:
-    """(context manager factory, dtype) for ``run.precision``."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"run.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    dtype = dtypes[precision]
-    if dtype is None:
-        return contextlib.nullcontext, None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+def stage_steps(stage: Any, num_samples: int, batch_size: int) -> int:
+    """The stage's length in optimizer steps: ``steps``, or ``epochs`` over the dataset when given."""
+    if stage.epochs is None:
+        return int(stage.steps)
+    return max(1, math.ceil(stage.epochs * num_samples / batch_size))
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -156,9 +143,20 @@ class Trainer:
     # ---- one stage --------------------------------------------------------------------------
     def _train_stage(self, index: int, name: str, stage: Any, state: Optional[dict[str, Any]]) -> None:
         cfg = self.cfg
-        objectives, weights = build_objectives(stage, self.components, self.backbone)
+        if stage.init_from and state is None:
+            path = self.folder.final(stage.init_from)
+            load_model_state(self.backbone, load_checkpoint(path)["backbone"], f"stage {name} init_from {path}")
+        teacher = build_teacher(stage, self.components, self.backbone, self.folder)
+        if teacher is not None:
+            teacher.to(self.device)
+        objectives, weights = build_objectives(stage, self.components, self.backbone, teacher)
         objectives.to(self.device)
         masker = build_masker(stage, self.components)
+        batch_size = stage.batch_size or cfg.data.batch_size
+        dataset = AugmentedDataset(build_dataset(cfg, "train", self.components), build_transforms(cfg, self.components),
+                                   self.key, mix_seed(cfg.run.seed, index), views=cfg.data.views)
+        total = stage_steps(stage, len(dataset), batch_size)
+        monitor = OnlineMonitor(cfg, self.components, self.device) if cfg.eval.monitor_every else None
         model = nn.ModuleDict({"backbone": self.backbone, "objectives": objectives})
         optimizer = build_optimizer(model, stage.optim, self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -167,45 +165,52 @@ class Trainer:
             load_model_state(objectives, state["objectives"], f"checkpoint {self.folder.last} (objectives of stage {name})")
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
+            if "teacher" in state:
+                load_model_state(teacher, state["teacher"], f"checkpoint {self.folder.last} (teacher of stage {name})")
             set_rng_state(state["rng"])
             step = int(state["step"])
-        if step >= stage.steps:
+        if step >= total:
             return
-        batch_size = stage.batch_size or cfg.data.batch_size
-        dataset = AugmentedDataset(build_dataset(cfg, "train", self.components), build_transforms(cfg, self.components),
-                                   self.key, mix_seed(cfg.run.seed, index))
         loader = make_loader(dataset, batch_size, mix_seed(cfg.run.seed, index), start_step=step,
                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         model.train()
-        bar = tqdm(total=stage.steps, initial=step, desc=name, disable=not cfg.run.progress, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=step, desc=name, disable=not cfg.run.progress, dynamic_ncols=True)
         last_time, last_step = time.perf_counter(), step
         with _Signals() as signals:
             for raw in loader:
-                lr = lr_at(step, stage.steps, stage.optim.lr, stage.optim.warmup_steps, stage.optim.min_lr)
+                lr = lr_at(step, total, stage.optim.lr, stage.optim.warmup_steps, stage.optim.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                metrics = self._step(index, name, step, raw, model, objectives, weights, masker, optimizer, scaler, stage)
+                metrics = self._step(index, name, step, raw, model, objectives, weights, masker, optimizer, scaler,
+                                     stage, teacher)
                 step += 1
+                if hasattr(teacher, "update"):
+                    teacher.update(self.backbone, step, total)
                 bar.update(1)
-                if step % cfg.run.log_every == 0 or step == stage.steps:
+                if monitor is not None and step % cfg.eval.monitor_every == 0:
+                    watched = monitor(self.backbone)
+                    metrics.update(watched)
+                    bar.set_description(f"{name} knn={watched['monitor/knn']:.2f} rank={watched['monitor/rankme']:.1f}")
+                if step % cfg.run.log_every == 0 or step == total:
                     now = time.perf_counter()
                     rate = (step - last_step) * batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, step
                     self._log({"stage": name, "step": step, "lr": lr, "samples_per_s": rate, **metrics})
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
-                if step == stage.steps or step % cfg.run.checkpoint_every == 0 or signals.received:
-                    self._save(name, step, model, optimizer, scaler)
+                if step == total or step % cfg.run.checkpoint_every == 0 or signals.received:
+                    self._save(name, step, model, optimizer, scaler, teacher)
                 if signals.received:
                     bar.close()
                     raise Preempted(128 + signals.received)
-                if step >= stage.steps:
+                if step >= total:
                     break
         bar.close()
         save_atomic({"stage": name, "backbone": self.backbone.state_dict(), "objectives": objectives.state_dict()},
                     self.folder.final(name))
 
     def _step(self, index: int, name: str, step: int, raw: dict[str, Any], model: nn.Module, objectives: nn.ModuleDict,
-              weights: dict[str, float], masker: Any, optimizer: torch.optim.Optimizer, scaler: Any, stage: Any) -> dict[str, float]:
+              weights: dict[str, float], masker: Any, optimizer: torch.optim.Optimizer, scaler: Any, stage: Any,
+              teacher: Optional[nn.Module]) -> dict[str, float]:
         raw = _to_device(raw, self.device)
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.run.seed, index, step, 1))
         metrics: dict[str, float] = {}
@@ -215,7 +220,7 @@ class Trainer:
             batch = Batch(raw, tokens, mask, generator)
             loss = torch.zeros((), device=self.device)
             for label, objective in objectives.items():
-                out = objective(batch, self.backbone)
+                out = objective(batch, self.backbone, teacher)
                 loss = loss + weights[label] * out.loss.float()
                 metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
         value = loss.item()
@@ -235,8 +240,11 @@ class Trainer:
         scaler.update()
         return {"loss": value, "grad_norm": grad_norm, **metrics}
 
-    def _save(self, name: str, step: int, model: nn.ModuleDict, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+    def _save(self, name: str, step: int, model: nn.ModuleDict, optimizer: torch.optim.Optimizer, scaler: Any,
+              teacher: Optional[nn.Module]) -> None:
+        extra = {"teacher": teacher.state_dict()} if hasattr(teacher, "update") else {}  # only a moving teacher has state
         save_atomic({
+            **extra,
             "stage": name,
             "step": step,
             "backbone": model["backbone"].state_dict(),

@@ -31,9 +31,10 @@ def register_tokenizers() -> Factories:
     """Tokenizers: raw batch tensor(s) -> ``Tokens``.
 
     Called once at load time. A factory receives the tokenizer's config section plus ``dim`` (the
-    encoder width) and returns an ``nn.Module`` whose ``forward(batch: dict) -> Tokens`` reads its
-    modality's key from the collated batch, and which has the attributes ``dim``, ``pos_axes``
-    (k of ``Tokens.pos``), ``grid_size`` (tuple or None) and ``input_key``.
+    encoder width) and returns an ``nn.Module`` whose ``forward(x) -> Tokens`` takes the collated
+    batch field named by its ``input_key`` attribute, and which has the attributes ``dim``,
+    ``pos_axes`` (k of ``Tokens.pos``) and ``grid_size`` (tuple or None); ``target_dim`` when it
+    gives reconstruction targets.
 
     :return: mapping of tokenizer name to factory, or None.
     """
@@ -71,9 +72,11 @@ def register_maskers() -> Factories:
 
 @hookspec
 def register_objectives() -> Factories:
-    """Objectives: a factory receives its config section plus ``dim`` (encoder width) and
-    ``tokenizer`` and returns an ``nn.Module`` with
-    ``forward(batch, student, teacher=None) -> ObjectiveOutput``.
+    """Objectives: a factory receives its config section plus ``dim`` (encoder width),
+    ``tokenizer`` (the student's) and, if it has a ``teacher_dim`` parameter, the stage teacher's
+    width. It returns an ``nn.Module`` with ``forward(batch, student, teacher=None) ->
+    ObjectiveOutput``. Class attributes ``needs_mask`` / ``needs_teacher`` (default False) make a
+    stage without a masker / teacher an error at build time.
 
     :return: mapping of objective name to factory, or None.
     """
@@ -81,8 +84,12 @@ def register_objectives() -> Factories:
 
 @hookspec
 def register_teachers() -> Factories:
-    """Teachers: a factory receives its config section plus ``student`` and returns a module
-    used under ``no_grad`` by objectives that ask for one.
+    """Teachers: a factory receives its config section plus ``student`` (the student `Backbone`)
+    and, if it has a ``folder`` parameter, the run folder (`RunFolder`, for earlier stages'
+    checkpoints). It returns an ``nn.Module`` called as ``teacher(batch, layers=0) -> Encoded``
+    over the student's full token set, used under ``no_grad`` by objectives that ask for one. A
+    teacher with an ``update(student, step, total)`` method is updated after every optimizer step
+    and its state is saved in checkpoints (an EMA); others are rebuilt on resume.
 
     :return: mapping of teacher name to factory, or None.
     """

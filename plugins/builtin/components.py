@@ -6,6 +6,7 @@ Registered through the same hooks as any outside plugin, so there is one way in.
 from __future__ import annotations
 
 from ...core.masking import BlockMasker, MultiBlockMasker, RandomMasker, TubeMasker
+from ...core.teachers import EmaTeacher, StageTeacher, TimmTeacher
 from ...objectives.masked_pixel import MaskedPixel
 from ...tokenizers.image import ImagePatchTokenizer
 from .. import hookimpl
@@ -45,3 +46,8 @@ def register_maskers():
 @hookimpl
 def register_objectives():
     return {"masked_pixel": MaskedPixel}
+
+
+@hookimpl
+def register_teachers():
+    return {"ema": EmaTeacher, "stage": StageTeacher, "timm": TimmTeacher}

@@ -1,0 +1,180 @@
+"""Teachers: models that objectives distil from or predict. Registered by name (``ema``, ``stage``,
+``timm`` and plugins'); all run under ``no_grad`` in eval mode, in the step's autocast dtype.
+
+A teacher is called as ``teacher(batch, layers=k)`` and returns an `Encoded` over the *student's*
+full token set (same order, positions and padding), so objectives index teacher and student
+features with the same mask indices. Objectives call `teacher_encode`, which runs each teacher
+once per batch however many objectives ask.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .backbone import Backbone
+from .checkpoint import load_checkpoint, load_model_state
+from .encoder import Encoded
+from .objective import Batch
+from .tokens import Tokens
+
+__all__ = ["teacher_encode", "BackboneTeacher", "EmaTeacher", "StageTeacher", "TimmTeacher"]
+
+log = logging.getLogger("anymodal.teachers")
+
+
+def teacher_encode(batch: Batch, teacher: Optional[nn.Module], layers: int = 0) -> Encoded:
+    """The teacher's encoding of ``batch`` over all tokens, computed once per batch and layer count.
+
+    Raises:
+        ValueError: when the stage has no teacher.
+    """
+    if teacher is None:
+        raise ValueError("this objective needs a teacher: give its stage a `teacher:` (ema, stage, timm, ...)")
+    key = ("teacher", layers)
+    if key not in batch.cache:
+        with torch.no_grad():
+            batch.cache[key] = teacher(batch, layers=layers)
+    return batch.cache[key]
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+class BackboneTeacher(nn.Module):
+    """A frozen copy of an anymodal `Backbone` (same tokenizer and encoder config as the student)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = _freeze(backbone)
+        self.dim = backbone.encoder.dim
+
+    def train(self, mode: bool = True) -> "BackboneTeacher":
+        return super().train(False)  # always eval: no dropout/drop-path in targets
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, layers: int = 0) -> Encoded:
+        return self.backbone.encode(self.backbone.tokenize(batch.raw), None, layers)
+
+
+class EmaTeacher(BackboneTeacher):
+    """Exponential moving average of the student (BYOL, DINO, I-JEPA's target encoder).
+
+    The momentum rises linearly from ``momentum[0]`` to ``momentum[1]`` over the stage.
+
+    Args:
+        student: the student backbone (copied at construction).
+        momentum: start and end momentum.
+    """
+
+    def __init__(self, student: Backbone, momentum: Sequence[float] = (0.996, 1.0)) -> None:
+        super().__init__(copy.deepcopy(student))
+        if len(momentum) != 2 or not all(0.0 <= m <= 1.0 for m in momentum):
+            raise ValueError(f"ema momentum must be [start, end] within [0, 1], got {list(momentum)}")
+        self.momentum = (float(momentum[0]), float(momentum[1]))
+
+    def momentum_at(self, step: int, total: int) -> float:
+        m0, m1 = self.momentum
+        return m0 + (m1 - m0) * min(step, total) / max(total, 1)
+
+    @torch.no_grad()
+    def update(self, student: Backbone, step: int, total: int) -> None:
+        """``teacher = m * teacher + (1 - m) * student`` for parameters; buffers are copied."""
+        m = self.momentum_at(step, total)
+        mine = [p for p in self.backbone.parameters()]
+        theirs = [p.detach() for p in student.parameters()]
+        torch._foreach_mul_(mine, m)
+        torch._foreach_add_(mine, theirs, alpha=1.0 - m)
+        for b_t, b_s in zip(self.backbone.buffers(), student.buffers()):
+            b_t.copy_(b_s)
+
+
+class StageTeacher(BackboneTeacher):
+    """The frozen backbone of an earlier stage of the same recipe (VideoPrism stage 2, UMT).
+
+    Args:
+        student: the student backbone (its architecture is reused).
+        folder: the run folder, where the earlier stage wrote ``<stage>-final.pt``.
+        stage: the earlier stage's name.
+    """
+
+    def __init__(self, student: Backbone, folder: Any, stage: str) -> None:
+        path = folder.final(stage)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"teacher {{name: stage, stage: {stage}}} needs {path}, which this run has not written: "
+                                    f"is stage {stage!r} listed before the stage that uses it?")
+        backbone = copy.deepcopy(student)
+        load_model_state(backbone, load_checkpoint(path)["backbone"], f"stage teacher {path}")
+        super().__init__(backbone)
+        self.stage = stage
+
+
+class TimmTeacher(nn.Module):
+    """Any timm ViT as a frozen teacher (UMT distils from CLIP ViTs this way).
+
+    The teacher reads the student's input field and must produce one token per student token
+    (same patch grid); extra prefix tokens (class, registers) are dropped.
+
+    Args:
+        student: the student backbone (gives the input field and the token count to match).
+        model: a timm model name, for example ``vit_base_patch16_clip_224``.
+        checkpoint: a local weights file (``.safetensors`` or a torch state dict); without one the
+            teacher is randomly initialized and a warning says so.
+        model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``in_chans``).
+    """
+
+    def __init__(self, student: Backbone, model: str, checkpoint: Optional[str] = None,
+                 model_kwargs: Optional[dict] = None) -> None:
+        super().__init__()
+        from .timm_compat import import_timm
+
+        timm = import_timm()
+        self.net = timm.create_model(model, pretrained=False, num_classes=0, **(model_kwargs or {}))
+        if checkpoint:
+            result = self.net.load_state_dict(_read_weights(checkpoint), strict=False)
+            unexpected = [k for k in result.unexpected_keys if not k.startswith("head")]
+            if result.missing_keys or unexpected:
+                raise ValueError(f"timm teacher {model}: {checkpoint} does not fit (missing {result.missing_keys[:4]}, "
+                                 f"unexpected {unexpected[:4]})")
+        else:
+            log.warning("timm teacher %s has no checkpoint: it is randomly initialized", model)
+        _freeze(self.net)
+        self.input_key = student.tokenizer.input_key
+        self.prefix = int(getattr(self.net, "num_prefix_tokens", 0))
+        self.dim = int(self.net.num_features)
+
+    def train(self, mode: bool = True) -> "TimmTeacher":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, layers: int = 0) -> Encoded:
+        x = batch.raw[self.input_key]
+        full = self.net.forward_features(x)
+        feats = full[:, self.prefix:]
+        kept = []
+        if layers:
+            kept = self.net.forward_intermediates(x, indices=layers, output_fmt="NLC", intermediates_only=True, norm=False)
+            kept = [k[:, self.prefix:] if k.shape[1] != feats.shape[1] else k for k in kept]
+        tokens = batch.tokens
+        if feats.shape[1] != tokens.num_tokens:
+            raise ValueError(f"timm teacher gives {feats.shape[1]} tokens per sample, the student's tokenizer "
+                             f"{tokens.num_tokens}: match the teacher's img_size/patch_size to the student's")
+        cls = self.net.forward_head(full, pre_logits=True) if self.prefix else feats.mean(1)
+        return Encoded(Tokens(feats, tokens.pos, tokens.padding, tokens.grid, tokens.targets, tokens.modality), cls, kept)
+
+
+def _read_weights(path: str) -> dict:
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
