@@ -10,6 +10,7 @@ once per batch however many objectives ask.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -36,11 +37,13 @@ def teacher_encode(batch: Batch, teacher: Optional[nn.Module], layers: int = 0) 
     """
     if teacher is None:
         raise ValueError("this objective needs a teacher: give its stage a `teacher:` (ema, stage, timm, ...)")
-    key = ("teacher", layers)
-    if key not in batch.cache:
-        with torch.no_grad():
-            batch.cache[key] = teacher(batch, layers=layers)
-    return batch.cache[key]
+    cached = [(k, v) for k, v in batch.cache.items() if isinstance(k, tuple) and k[0] == "teacher" and k[1] >= layers]
+    if cached:  # any run with at least as many layers holds the final tokens too
+        encoded = cached[0][1]
+        return encoded if len(encoded.layers) == layers else replace(encoded, layers=encoded.layers[len(encoded.layers) - layers:])
+    with torch.no_grad():
+        batch.cache[("teacher", layers)] = teacher(batch, layers=layers)
+    return batch.cache[("teacher", layers)]
 
 
 def _freeze(module: nn.Module) -> nn.Module:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from ...core.masking import BlockMasker, MultiBlockMasker, RandomMasker, TubeMasker
 from ...core.teachers import EmaTeacher, StageTeacher, TimmTeacher
+from ...objectives.distill import MaskedDistill, UnmaskedTokenDistill
+from ...objectives.jepa import Jepa
 from ...objectives.masked_pixel import MaskedPixel
 from ...tokenizers.image import ImagePatchTokenizer
 from .. import hookimpl
@@ -45,7 +47,7 @@ def register_maskers():
 
 @hookimpl
 def register_objectives():
-    return {"masked_pixel": MaskedPixel}
+    return {"masked_pixel": MaskedPixel, "jepa": Jepa, "distill": UnmaskedTokenDistill, "masked_distill": MaskedDistill}
 
 
 @hookimpl
