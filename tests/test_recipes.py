@@ -1,0 +1,164 @@
+"""Multi-stage recipes for real: stage hand-over, frozen stage teachers, EMA arithmetic, resume
+inside stage 2, YAML-only objective mixes, epochs, online monitors."""
+
+import copy
+import json
+import signal
+
+import pytest
+import torch
+
+from anymodal.core.build import build_backbone
+from anymodal.core.checkpoint import load_checkpoint
+from anymodal.core.config import compose
+from anymodal.core.monitor import feature_std, rankme
+from anymodal.core.teachers import EmaTeacher
+from anymodal.plugins import load_components
+from helpers import anymodal, losses, spawn
+from test_training import wait_for_step
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    run = tmp_path_factory.mktemp("two") / "run"
+    anymodal("train", "tiny-two-stage", "--run-dir", run)
+    return run
+
+
+def test_two_stage_runs_both_stages_in_order(two_stage):
+    stages = [s for s, _, _ in losses(two_stage)]
+    assert stages == ["contrastive"] * 12 + ["distill"] * 12
+    assert (two_stage / "checkpoints" / "contrastive-final.pt").is_file()
+    assert (two_stage / "checkpoints" / "distill-final.pt").is_file()
+
+
+def test_stage_teacher_is_the_frozen_stage_one_model(two_stage):
+    """Stage 2 trains the student away from stage 1 while the teacher keeps stage 1's weights."""
+    first = load_checkpoint(two_stage / "checkpoints" / "contrastive-final.pt")["backbone"]
+    second = load_checkpoint(two_stage / "checkpoints" / "distill-final.pt")["backbone"]
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    cfg = compose("tiny-two-stage").cfg
+    components = load_components(autoload=False)
+    from anymodal.core.runfolder import RunFolder
+    from anymodal.core.teachers import StageTeacher
+
+    student = build_backbone(cfg, components)
+    teacher = StageTeacher(student, RunFolder(two_stage), "contrastive")
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.equal(v, first[k])
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not teacher.training and not teacher.train().training
+
+
+def test_stage_teacher_gets_no_gradient_and_does_not_move(two_stage):
+    from anymodal.core.build import build_masker, build_objectives
+    from anymodal.core.objective import Batch
+    from anymodal.core.runfolder import RunFolder
+    from anymodal.core.teachers import StageTeacher
+    from anymodal.plugins.builtin.image_data import DigitsDataset
+    from anymodal.core.data import collate
+
+    cfg = compose("tiny-two-stage").cfg
+    components = load_components(autoload=False)
+    student = build_backbone(cfg, components)
+    stage = cfg.recipe.stages.distill
+    teacher = StageTeacher(student, RunFolder(two_stage), "contrastive")
+    before = copy.deepcopy(teacher.state_dict())
+    objectives, _ = build_objectives(stage, components, student, teacher)
+    masker = build_masker(stage, components)
+    opt = torch.optim.AdamW(list(student.parameters()) + list(objectives.parameters()), lr=1e-2)
+    data = DigitsDataset("train", size=16)
+    raw = collate([data[i] for i in range(16)])
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        tokens = student.tokenize(raw)
+        batch = Batch(raw, tokens, masker(tokens, g), g)
+        loss = sum(o(batch, student, teacher).loss for o in objectives.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_kill_in_stage_two_resumes_in_stage_two(two_stage, tmp_path):
+    run = tmp_path / "run"
+    proc = spawn("train", "tiny-two-stage", "--run-dir", run)
+    wait_for_step(run, 12 + 8, proc)  # inside stage 2, after its first checkpoint (step 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["stage"] == "distill" and 5 <= state["step"] < 12
+    anymodal("train", "tiny-two-stage", "--run-dir", run, "--resume")
+    assert losses(run) == losses(two_stage)
+
+
+def test_ema_update_arithmetic():
+    cfg = compose("tiny-test").cfg
+    student = build_backbone(cfg, load_components(autoload=False))
+    teacher = EmaTeacher(student, momentum=[0.9, 1.0])
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    old = {k: v.clone() for k, v in teacher.backbone.state_dict().items()}
+    new = student.state_dict()
+    teacher.update(student, step=5, total=10)  # momentum 0.95 halfway
+    assert teacher.momentum_at(5, 10) == pytest.approx(0.95)
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.allclose(v, 0.95 * old[k] + 0.05 * new[k], atol=1e-6), k
+    teacher.update(student, step=10, total=10)  # momentum 1.0: no change
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.allclose(v, 0.95 * old[k] + 0.05 * new[k], atol=1e-6), k
+
+
+def test_objective_mix_in_yaml_only(tmp_path):
+    run = tmp_path / "run"
+    anymodal("train", "tiny-test", "--run-dir", run, "recipe=jepa_contrastive",
+             "recipe.stages.pretrain.steps=4", "recipe.stages.pretrain.objectives.jepa.predictor_dim=32",
+             "recipe.stages.pretrain.objectives.contrastive={weight: 0.5, pair: text, embed_dim: 16, text: {dim: 32, depth: 1, num_heads: 2}}")
+    rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 4
+    assert any(k.startswith("jepa/") for k in rec[-1]) and any(k.startswith("contrastive/") for k in rec[-1])
+
+
+def test_epochs_set_the_stage_length(tmp_path):
+    run = tmp_path / "run"
+    # digits train split: 1347 samples; batch 32 -> 42 full batches per epoch, 0.1 epoch -> 5 steps
+    anymodal("train", "tiny-test", "--run-dir", run, "recipe.stages.pretrain.epochs=0.1")
+    assert [s for _, s, _ in losses(run)] == [1, 2, 3, 4, 5]
+
+
+def test_init_from_restarts_from_an_earlier_stage(tmp_path):
+    run = tmp_path / "run"
+    anymodal("train", "tiny-two-stage", "--run-dir", run, "recipe.stages.distill.steps=1",
+             "recipe.stages.distill.init_from=contrastive", "recipe.stages.distill.optim.lr=0.0",
+             "recipe.stages.distill.optim.warmup_steps=0")
+    first = load_checkpoint(run / "checkpoints" / "contrastive-final.pt")["backbone"]
+    second = load_checkpoint(run / "checkpoints" / "distill-final.pt")["backbone"]
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+
+def test_init_from_unknown_stage_is_a_config_error(tmp_path):
+    proc = anymodal("train", "tiny-two-stage", "--run-dir", tmp_path / "r", "recipe.stages.distill.init_from=contrastiv",
+                    check=False)
+    assert proc.returncode == 2 and "not an earlier stage" in proc.stderr
+
+
+def test_online_monitor_logs_knn_and_collapse_signals(tmp_path):
+    run = tmp_path / "run"
+    anymodal("train", "tiny-test", "--run-dir", run, "recipe.stages.pretrain.steps=6", "eval.monitor_every=3",
+             "eval.monitor_samples=200")
+    rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    watched = [r for r in rec if "monitor/knn" in r]
+    assert [r["step"] for r in watched] == [3, 6]
+    assert all(0 <= r["monitor/knn"] <= 1 and r["monitor/rankme"] > 1 for r in watched)
+
+
+def test_collapse_signals_separate_collapsed_from_spread_features():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(256, 64, generator=g)
+    collapsed = torch.ones(256, 64) + 1e-4 * torch.randn(256, 64, generator=g)
+    assert rankme(spread) > 40 and rankme(collapsed) < 5
+    assert feature_std(spread) > 0.1 and feature_std(collapsed) < 1e-3
