@@ -59,6 +59,7 @@ class BackboneTeacher(nn.Module):
         super().__init__()
         self.backbone = _freeze(backbone)
         self.dim = backbone.encoder.dim
+        self.train(False)
 
     def train(self, mode: bool = True) -> "BackboneTeacher":
         return super().train(False)  # always eval: no dropout/drop-path in targets
@@ -153,6 +154,7 @@ class TimmTeacher(nn.Module):
         self.input_key = student.tokenizer.input_key
         self.prefix = int(getattr(self.net, "num_prefix_tokens", 0))
         self.dim = int(self.net.num_features)
+        self.train(False)
 
     def train(self, mode: bool = True) -> "TimmTeacher":
         return super().train(False)

@@ -115,7 +115,7 @@ def test_ema_update_arithmetic():
 def test_objective_mix_in_yaml_only(tmp_path):
     run = tmp_path / "run"
     anymodal("train", "tiny-test", "--run-dir", run, "recipe=jepa_contrastive",
-             "recipe.stages.pretrain.steps=4", "recipe.stages.pretrain.objectives.jepa.predictor_dim=32",
+             "recipe.stages.pretrain.steps=4", "recipe.stages.pretrain.objectives.jepa.predictor_dim=32", "recipe.stages.pretrain.objectives.jepa.predictor_heads=2",
              "recipe.stages.pretrain.objectives.contrastive={weight: 0.5, pair: text, embed_dim: 16, text: {dim: 32, depth: 1, num_heads: 2}}")
     rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rec) == 4
