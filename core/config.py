@@ -142,6 +142,37 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def _expand_wildcards(data: Any, node: Any) -> Any:
+    """A ``"*"`` key applies its value to every key the config already has at that level
+    (``recipe.stages.*.steps=20`` shortens every stage); explicit keys beside it win."""
+    if not isinstance(data, Mapping):
+        return data
+    out: dict = {}
+    if "*" in data and isinstance(node, DictConfig):
+        out = {key: data["*"] for key in node.keys()}
+    for key, value in data.items():
+        if key == "*":
+            continue
+        if isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
+            value = OmegaConf.to_container(OmegaConf.merge(out[key], value))
+        out[key] = value
+    child = lambda k: node.get(k) if isinstance(node, DictConfig) and k in node else None  # noqa: E731
+    return {k: _expand_wildcards(v, child(k)) for k, v in out.items()}
+
+
+def _check_no_new_stages(data: Mapping, cfg: DictConfig, source: str, recipe_file: str) -> None:
+    """Layers after the recipe file may change its stages but not add any: a stage that the chosen
+    recipe lacks is a typo or a leftover from another recipe."""
+    stages = ((data.get("recipe") or {}).get("stages") or {}) if isinstance(data.get("recipe"), Mapping) else {}
+    known = list(cfg.recipe.stages.keys())
+    for name in stages:
+        if name not in known:
+            near = closest(str(name), known)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError([f"recipe.stages.{name} (from {source}) is not a stage of the recipe in {recipe_file}{hint}; "
+                               f"stages: {', '.join(known)}"])
+
+
 def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
     """Compose ``file`` with its defaults and ``overrides`` into a validated-structure config.
 
@@ -158,6 +189,7 @@ def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
         if key in GROUPS:
             defaults[key] = value
     layers: list[tuple[str, dict]] = []
+    recipe_file = None
     for group, name in defaults.items():
         if group not in GROUPS:
             near = closest(group, list(GROUPS))
@@ -165,6 +197,8 @@ def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
                                + f"; groups: {', '.join(GROUPS)}"])
         group_file = _resolve_file(str(name), group, search)
         layers.append((str(group_file), _read_yaml(group_file)))
+        if group == "recipe":
+            recipe_file = str(group_file)
     layers.append((str(path), main))
     value_overrides = [(k, v) for k, v in overrides if k not in GROUPS]
     layers += [(COMMAND_LINE, _nest(k, v)) for k, v in value_overrides]
@@ -174,7 +208,12 @@ def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
         raise ConfigError(errors)
     cfg = OmegaConf.structured(Config)
     sources: dict[str, str] = {}
+    recipe_merged = False
     for source, data in layers:
+        data = _expand_wildcards(data, cfg)
+        if recipe_merged:
+            _check_no_new_stages(data, cfg, source, recipe_file)
+        recipe_merged = recipe_merged or source == recipe_file
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as e:

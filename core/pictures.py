@@ -45,7 +45,7 @@ def plot_loss_curve(folder: RunFolder) -> Optional[Path]:
 @torch.no_grad()
 def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone: Backbone, test: Dataset,
                          device: torch.device, count: int = 8) -> list[Path]:
-    """One grid per stage objective that can ``predict`` targets, when the tokenizer can ``render``."""
+    """One grid per stage objective that can ``reconstruct`` the tokenizer targets, when the tokenizer can ``render``."""
     tokenizer = backbone.tokenizer
     if not hasattr(tokenizer, "render"):
         return []
@@ -62,9 +62,9 @@ def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone:
         tokens = backbone.tokenize(raw)
         mask = masker(tokens, torch.Generator().manual_seed(0))
         for label, objective in objectives.items():
-            if not hasattr(objective, "predict"):
+            if not hasattr(objective, "reconstruct"):
                 continue
-            pred = objective.predict(Batch(raw, tokens, mask, torch.Generator()), backbone).float()
+            pred = objective.reconstruct(Batch(raw, tokens, mask, torch.Generator()), backbone).float()
             full = tokens.targets.float().clone()
             full.scatter_(1, mask.target.unsqueeze(-1).expand(-1, -1, full.shape[-1]), pred)
             shown = torch.zeros(tokens.x.shape[:2], dtype=torch.bool, device=device)

@@ -52,7 +52,7 @@ class MaskedPixel(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
 
-    def predict(self, batch: Batch, student: Any) -> Tensor:
+    def reconstruct(self, batch: Batch, student: Any) -> Tensor:
         """Predicted targets at ``batch.mask.target``: ``[B, Nt, P]``."""
         encoded = student.encode(batch.tokens, batch.mask.visible)
         prefix = None if encoded.cls is None else encoded.cls.unsqueeze(1)
@@ -62,7 +62,7 @@ class MaskedPixel(nn.Module):
     def forward(self, batch: Batch, student: Any, teacher: Any = None) -> ObjectiveOutput:
         if batch.mask is None:
             raise ValueError("masked_pixel needs a masker in its stage (stage.masker)")
-        pred = self.predict(batch, student).float()
+        pred = self.reconstruct(batch, student).float()
         target = gather_tokens(batch.tokens.targets, batch.mask.target).float()
         loss = F.mse_loss(pred, target) if self.loss_kind == "mse" else F.l1_loss(pred, target)
         return ObjectiveOutput(loss, {"recon": loss.detach().item()})

@@ -94,3 +94,15 @@ def test_config_command_error_is_clean():
     proc = subprocess.run([sys.executable, "-m", "anymodal", "config", "default", "run.sed=5"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "did you mean 'seed'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_wildcard_sets_every_stage():
+    cfg = compose("default", ["recipe=videoprism", "recipe.stages.*.steps=7"]).cfg
+    assert [s.steps for s in cfg.recipe.stages.values()] == [7, 7]
+    assert cfg.recipe.stages.distill.teacher.stage == "contrastive"  # the rest of each stage is kept
+
+
+def test_a_stage_the_recipe_lacks_is_an_error():
+    with pytest.raises(ConfigError, match=r"recipe.stages.pretrain \(from command line\) is not a stage of the recipe "
+                                          r".*clip.yaml; stages: contrastive"):
+        compose("default", ["recipe=clip", "recipe.stages.pretrain.steps=3"])
