@@ -69,7 +69,10 @@ class AugmentedDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, epoch = item
-        sample = dict(self.dataset[index])
+        if hasattr(self.dataset, "sample"):  # datasets that draw randomness themselves (clip sampling)
+            sample = dict(self.dataset.sample(index, torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, -1))))
+        else:
+            sample = dict(self.dataset[index])
         if not self.transforms and self.views == 1:
             return sample
         if self.key not in sample:

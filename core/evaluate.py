@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +31,22 @@ def subset(dataset: Dataset, n: int, seed: int) -> Dataset:
 
 
 @torch.no_grad()
-def extract_features(backbone: Backbone, dataset: Dataset, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pooled features ``[n, D]`` and labels ``[n]`` of every sample, in eval mode."""
+def extract_features(backbone: Backbone, dataset: Dataset, batch_size: int, device: torch.device,
+                     fields: Sequence[str] = ("label",)) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pooled features ``[n, D]`` and each label field ``[n]`` of every sample, in eval mode."""
     backbone.eval()
-    feats, labels = [], []
+    feats: list[Tensor] = []
+    labels: dict[str, list[Tensor]] = {f: [] for f in fields}
     for raw in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        if "label" not in raw:
-            raise ValueError("evaluation needs a labelled dataset (samples with a 'label' field) in data.test")
+        missing = [f for f in fields if f not in raw]
+        if missing:
+            raise ValueError(f"evaluation needs samples with the label fields {list(fields)} (eval.labels); "
+                             f"data.test's samples lack {missing} (they have {sorted(raw)})")
         raw = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in raw.items()}
         feats.append(backbone.embed(raw).float().cpu())
-        labels.append(raw["label"].cpu())
-    return torch.cat(feats), torch.cat(labels)
+        for f in fields:
+            labels[f].append(raw[f].cpu())
+    return torch.cat(feats), {f: torch.cat(v) for f, v in labels.items()}
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, iters: int = 100,
@@ -80,10 +85,17 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
 
 
 def probe(backbone: Backbone, train: Dataset, test: Dataset, ev: Any, device: torch.device) -> dict[str, float]:
-    xtr, ytr = extract_features(backbone, train, ev.batch_size, device)
-    xte, yte = extract_features(backbone, test, ev.batch_size, device)
-    return {"linear_probe": linear_probe(xtr, ytr, xte, yte, ev.probe_iters, ev.probe_l2),
-            "knn": knn_accuracy(xtr, ytr, xte, yte, ev.knn_k)}
+    """Linear-probe and k-NN accuracy for each of ``ev.labels``; the first field's keys are
+    ``linear_probe`` and ``knn``, another field's ``<field>/linear_probe`` and ``<field>/knn``."""
+    fields = list(ev.labels)
+    xtr, ytr = extract_features(backbone, train, ev.batch_size, device, fields)
+    xte, yte = extract_features(backbone, test, ev.batch_size, device, fields)
+    out = {}
+    for i, f in enumerate(fields):
+        prefix = "" if i == 0 else f"{f}/"
+        out[prefix + "linear_probe"] = linear_probe(xtr, ytr[f], xte, yte[f], ev.probe_iters, ev.probe_l2)
+        out[prefix + "knn"] = knn_accuracy(xtr, ytr[f], xte, yte[f], ev.knn_k)
+    return out
 
 
 def stage_objectives(folder: RunFolder, components: Any, backbone: Backbone, name: str, stage: Any) -> Optional[nn.ModuleDict]:
@@ -126,10 +138,16 @@ def retrieval(objective: nn.Module, backbone: Backbone, dataset: Dataset, batch_
     return out
 
 
-def format_table(results: dict[str, dict[str, float]], k: int) -> str:
-    rows = ["| encoder | linear probe | k-NN (k=%d) |" % k, "|---|---|---|"]
+def format_table(results: dict[str, dict[str, float]], k: int, fields: Sequence[str] = ("label",)) -> str:
+    head, keys = ["encoder"], []
+    for i, f in enumerate(fields):
+        prefix = "" if i == 0 else f"{f}/"
+        name = "" if len(fields) == 1 else f" ({f})"
+        head += [f"linear probe{name}", f"k-NN{name} (k={k})"]
+        keys += [prefix + "linear_probe", prefix + "knn"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        rows.append(f"| {name} | {100 * r['linear_probe']:.1f}% | {100 * r['knn']:.1f}% |")
+        rows.append(f"| {name} | " + " | ".join(f"{100 * r[key]:.1f}%" for key in keys) + " |")
     return "\n".join(rows)
 
 
@@ -155,7 +173,7 @@ def evaluate_run(run_dir: Path, components: Any, pictures: Optional[bool] = None
     label = f"pre-trained ({cfg.recipe.name})"
     results = {label: probe(trained, train, test, ev, device), "random init": probe(random_init, train, test, ev, device)}
     folder.eval.mkdir(parents=True, exist_ok=True)
-    table = format_table(results, ev.knn_k)
+    table = format_table(results, ev.knn_k, list(ev.labels))
     summary = {"run": str(folder.root), "train_samples": len(train), "test_samples": len(test), "results": results,
                "retrieval": {}}
     few = subset(test, ev.retrieval_samples, cfg.run.seed)

@@ -35,12 +35,13 @@ class OnlineMonitor:
     def __init__(self, cfg: Any, components: Any, device: torch.device) -> None:
         dataset = subset(build_dataset(cfg, "test", components), cfg.eval.monitor_samples, cfg.run.seed)
         self.dataset, self.device = dataset, device
-        self.batch_size, self.k = cfg.eval.batch_size, cfg.eval.knn_k
+        self.batch_size, self.k, self.field = cfg.eval.batch_size, cfg.eval.knn_k, cfg.eval.labels[0]
 
     @torch.no_grad()
     def __call__(self, backbone: Backbone) -> dict[str, float]:
         was_training = backbone.training
-        feats, labels = extract_features(backbone, self.dataset, self.batch_size, self.device)
+        feats, fields = extract_features(backbone, self.dataset, self.batch_size, self.device, [self.field])
+        labels = fields[self.field]
         backbone.train(was_training)
         half = len(feats) // 2
         return {

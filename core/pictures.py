@@ -71,7 +71,8 @@ def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone:
             visible_only = shown.scatter(1, mask.visible, True)
             both = visible_only.scatter(1, mask.target, True)
             images = raw[tokenizer.input_key]
-            rows = [images, tokenizer.render(images, tokens.targets.float(), visible_only), tokenizer.render(images, full, both)]
+            shown_input = tokenizer.preview(images) if hasattr(tokenizer, "preview") else images
+            rows = [shown_input, tokenizer.render(images, tokens.targets.float(), visible_only), tokenizer.render(images, full, both)]
             paths.append(_grid(rows, ["input", "masked input", "reconstruction"], folder.eval / f"reconstruction_{name}_{label}.png"))
     return paths
 

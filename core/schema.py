@@ -97,6 +97,7 @@ class EvalConfig:
     probe_iters: int = 100  # L-BFGS iterations of the linear probe
     probe_l2: float = 1e-4  # L2 penalty of the linear probe (features are standardized)
     knn_k: int = 20
+    labels: List[str] = field(default_factory=lambda: ["label"])  # sample fields to probe (e.g. [label, motion])
     pictures: bool = True
     retrieval_samples: int = 1000  # test samples ranked for zero-shot retrieval (contrastive stages)
     monitor_every: int = 0  # online k-NN and collapse monitors every N steps during training; 0 = off

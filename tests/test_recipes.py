@@ -162,3 +162,41 @@ def test_collapse_signals_separate_collapsed_from_spread_features():
     collapsed = torch.ones(256, 64) + 1e-4 * torch.randn(256, 64, generator=g)
     assert rankme(spread) > 40 and rankme(collapsed) < 5
     assert feature_std(spread) > 0.1 and feature_std(collapsed) < 1e-3
+
+
+def test_timm_teacher_tokens_layers_and_checkpoint(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from anymodal.core.objective import Batch
+    from anymodal.core.teachers import TimmTeacher
+    from anymodal.core.data import collate
+    from anymodal.plugins.builtin.image_data import DigitsDataset
+
+    cfg = compose("tiny-test").cfg
+    student = build_backbone(cfg, load_components(autoload=False))
+    kwargs = {"img_size": 16, "patch_size": 4, "in_chans": 1, "depth": 2, "embed_dim": 48, "num_heads": 2}
+    with caplog.at_level("WARNING"):
+        teacher = TimmTeacher(student, "vit_tiny_patch16_224", model_kwargs=kwargs)
+    assert "randomly initialized" in caplog.text
+    data = DigitsDataset("test", size=16)
+    raw = collate([data[i] for i in range(4)])
+    batch = Batch(raw, student.tokenize(raw), None, torch.Generator())
+    out = teacher(batch, layers=2)
+    assert out.tokens.x.shape == (4, 16, 48) and out.cls.shape == (4, 48) and len(out.layers) == 2
+    assert torch.equal(out.tokens.pos, batch.tokens.pos)
+    weights = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.net.state_dict().items()}, str(weights))
+    again = TimmTeacher(student, "vit_tiny_patch16_224", checkpoint=str(weights), model_kwargs=kwargs)
+    assert torch.equal(again(batch).tokens.x, teacher(batch).tokens.x)
+    wrong = dict(kwargs, patch_size=8)
+    with pytest.raises(ValueError, match="tokens per sample"):
+        TimmTeacher(student, "vit_tiny_patch16_224", model_kwargs=dict(wrong, img_size=16))(batch)
+
+
+def test_retrieval_is_evaluated_for_contrastive_stages(two_stage):
+    proc = anymodal("eval", two_stage, "--no-pictures")
+    results = json.loads((two_stage / "eval" / "results.json").read_text())
+    r = results["retrieval"]["contrastive/contrastive"]
+    assert set(r) == {"sample_to_partner_r1", "sample_to_partner_r5", "partner_to_sample_r1", "partner_to_sample_r5"}
+    assert all(0.0 <= v <= 1.0 for v in r.values()) and r["sample_to_partner_r5"] >= r["sample_to_partner_r1"]
+    assert "text->sample R@1" in proc.stdout

@@ -13,13 +13,15 @@ from ...objectives.jepa import Jepa
 from ...objectives.masked_pixel import MaskedPixel
 from ...tokenizers.image import ImagePatchTokenizer
 from ...tokenizers.text import ByteTextTokenizer, ClipBpeTokenizer
+from ...tokenizers.video import TubeletTokenizer
 from .. import hookimpl
-from . import image_data, image_transforms
+from . import image_data, image_transforms, moving_digits, video_data
 
 
 @hookimpl
 def register_tokenizers():
-    return {"image_patch": ImagePatchTokenizer, "byte_text": ByteTextTokenizer, "clip_bpe": ClipBpeTokenizer}
+    return {"image_patch": ImagePatchTokenizer, "tubelet": TubeletTokenizer, "byte_text": ByteTextTokenizer,
+            "clip_bpe": ClipBpeTokenizer}
 
 
 @hookimpl
@@ -28,6 +30,10 @@ def register_datasets():
         "mnist": image_data.MnistDataset,
         "digits": image_data.DigitsDataset,
         "image_folder": image_data.ImageFolderDataset,
+        "moving_digits": moving_digits.MovingDigitsDataset,
+        "video_folder": video_data.VideoFileDataset,
+        "frame_folder": video_data.FrameFolderDataset,
+        "npy_video": video_data.NpyVideoDataset,
     }
 
 

@@ -80,7 +80,7 @@ class CorruptFileError(ValueError):
     """
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"corrupt or unreadable image file {path!r}: {reason}")
+        super().__init__(f"corrupt or unreadable file {path!r}: {reason}")
         self.path = path
         self.reason = reason
 
