@@ -1,6 +1,6 @@
 """Pre-train the embedded default once per recipe and print the probe table the README shows.
 
-    python benchmarks/objectives.py                 # every recipe below, about 35 min on 2 CPU cores
+    python benchmarks/objectives.py                 # every recipe below, about an hour on 2 CPU cores
     python benchmarks/objectives.py mae jepa        # a subset
     python benchmarks/objectives.py --steps 300     # shorter schedules (a smoke run)
 
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from anymodal.core.experiment import format_rows, run_variant
 
 # recipe -> overrides that set its stage lengths to the same total of optimizer steps
 RECIPES = {
@@ -30,12 +29,6 @@ RECIPES = {
 }
 
 
-def run(cmd: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "anymodal", *cmd], check=True)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipes", nargs="*", default=list(RECIPES))
@@ -46,27 +39,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.recipes:
-        folder = out / name
-        overrides = [o.format(steps=args.steps, half=args.steps // 2) for o in RECIPES[name]]
-        seconds = run(["train", "default", f"recipe={name}", f"run.name={name}", "run.progress=false", "--run-dir",
-                       str(folder), *overrides])
-        run(["eval", str(folder), "--no-pictures"])
-        summary = json.loads((folder / "eval" / "results.json").read_text())
-        row = {"recipe": name, "steps": args.steps, "train_seconds": round(seconds), **summary}
+        overrides = [f"recipe={name}", f"run.name={name}",
+                     *[o.format(steps=args.steps, half=args.steps // 2) for o in RECIPES[name]]]
+        row = {**run_variant(name, "default", overrides, out / name), "steps": args.steps}
         rows.append(row)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-    print("| recipe | linear probe | k-NN | retrieval R@1 (sample->text / text->sample) | train time |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        trained = next(v for k, v in row["results"].items() if k != "random init")
-        r1 = " ; ".join(f"{100 * r['sample_to_partner_r1']:.1f}% / {100 * r['partner_to_sample_r1']:.1f}%"
-                        for r in row["retrieval"].values()) or "-"
-        print(f"| {row['recipe']} | {100 * trained['linear_probe']:.1f}% | {100 * trained['knn']:.1f}% | {r1} | "
-              f"{row['train_seconds']} s |")
-    if rows:
-        base = rows[0]["results"]["random init"]
-        print(f"| random init | {100 * base['linear_probe']:.1f}% | {100 * base['knn']:.1f}% | - | - |")
+    print(format_rows(rows, ["label"]))
 
 
 if __name__ == "__main__":
