@@ -32,7 +32,7 @@ def measure(ratio: float, gpu: bool, steps: int, warmup: int) -> dict:
 
     from anymodal.core.backbone import Backbone
     from anymodal.core.encoder import ENCODER_SIZES, Encoder
-    from anymodal.core.masking import RandomMasker
+    from anymodal.core.masking import Mask, RandomMasker
     from anymodal.core.objective import Batch
     from anymodal.core.posenc import build_posenc
     from anymodal.objectives.masked_pixel import MaskedPixel
@@ -60,8 +60,6 @@ def measure(ratio: float, gpu: bool, steps: int, warmup: int) -> dict:
             if masker is None:  # no masking: the encoder sees every token, the decoder predicts all
                 n = tokens.num_tokens
                 index = torch.arange(n, device=device).expand(batch, -1)
-                from anymodal.core.masking import Mask
-
                 mask = Mask(index, index)
             else:
                 mask = masker(tokens, g)
