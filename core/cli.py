@@ -167,8 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="pre-train the embedded default, then print the probe table")
     with_config(s, default="default")
     s.add_argument("--run-dir")
-    s.add_argument("--experiment", choices=["video"],
-                   help="video: the two-stage claim on moving digits (contrastive only, MAE only, two-stage with "
+    s.add_argument("--experiment", choices=["two-stage"],
+                   help="two-stage: the two-stage claim on moving-digit videos (contrastive only, MAE only, two-stage with "
                         "and without token shuffling), probing appearance and motion")
     s.set_defaults(func=_cmd_demo)
 

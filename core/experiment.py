@@ -1,6 +1,6 @@
 """Run several variants of a config through the real command line and tabulate their probes.
 
-Used by ``anymodal demo --experiment video`` (the two-stage claim on moving digits) and by
+Used by ``anymodal demo --experiment two-stage`` (the two-stage claim on moving digits) and by
 ``benchmarks/objectives.py`` (one row per recipe). Each variant trains in its own run folder
 (``anymodal train``, wall time measured around it) and is evaluated there (``anymodal eval``).
 """
@@ -18,7 +18,7 @@ __all__ = ["run_variant", "format_rows", "EXPERIMENTS"]
 
 # the two-stage claim on video (VideoPrism): four runs with the same number of optimizer steps
 EXPERIMENTS: dict[str, dict[str, Any]] = {
-    "video": {
+    "two-stage": {
         "config": "default",
         "common": ["modality=video", "data.batch_size=64", "eval.max_train=6000", "eval.max_test=2000"],
         "variants": {
