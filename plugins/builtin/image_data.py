@@ -71,6 +71,16 @@ _MNIST_SPLITS = ("train", "test")
 _DIGITS_SPLITS = ("train", "test")
 
 
+def verify_image(path: str) -> str | None:
+    """``None`` if PIL verifies the image file, else the reason it does not."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except _PIL_ERRORS as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 class CorruptFileError(ValueError):
     """An image file that PIL cannot open, verify or decode.
 
@@ -352,7 +362,7 @@ class ImageFolderDataset(Dataset):
         self.skipped: list[tuple[str, str]] = []
         for label, name in enumerate(self.classes):
             for path in self._find_files(os.path.join(base, name), exts):
-                reason = self._verify(path)
+                reason = verify_image(path)
                 if reason is None:
                     self.samples.append((path, label))
                 elif strict:
@@ -388,15 +398,7 @@ class ImageFolderDataset(Dataset):
             )
         return found
 
-    @staticmethod
-    def _verify(path: str) -> str | None:
-        """``None`` if PIL verifies the file, else the reason it does not."""
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except _PIL_ERRORS as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
+
 
     def __len__(self) -> int:
         return len(self.samples)

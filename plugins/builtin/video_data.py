@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .image_data import _PIL_ERRORS, CorruptFileError
+from .image_data import _PIL_ERRORS, CorruptFileError, verify_image
 from .image_transforms import _int_arg
 
 __all__ = ["VideoInfo", "probe_video", "decode_video", "sample_frame_indices", "SAMPLING_MODES",
@@ -383,12 +383,8 @@ class FrameFolderDataset(_LabelledClips):
 
     @staticmethod
     def _verify(path: str) -> str | None:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except _PIL_ERRORS as exc:
-            return f"{os.path.basename(path)}: {type(exc).__name__}: {exc}"
-        return None
+        reason = verify_image(path)
+        return None if reason is None else f"{os.path.basename(path)}: {reason}"
 
     def _read(self, index: int, indices: Tensor) -> Tensor:
         paths = self._frames[index]
