@@ -398,8 +398,6 @@ class ImageFolderDataset(Dataset):
             )
         return found
 
-
-
     def __len__(self) -> int:
         return len(self.samples)
 
