@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
+from .common import grid_positions, normalize_per_token, targets_for_viewing
 
 __all__ = ["ImagePatchTokenizer", "patchify", "unpatchify"]
 
@@ -62,15 +62,12 @@ class ImagePatchTokenizer(nn.Module):
             raise ValueError(f"image size {h}x{w} is not a multiple of patch_size {self.patch_size}")
         x = self.proj(images).flatten(2).transpose(1, 2)
         gh, gw = h // self.patch_size, w // self.patch_size
-        rows, cols = torch.meshgrid(torch.arange(gh, device=x.device), torch.arange(gw, device=x.device), indexing="ij")
-        pos = torch.stack([rows.flatten(), cols.flatten()], dim=-1).expand(x.shape[0], -1, -1)
+        pos = grid_positions((gh, gw), x.shape[0], x.device)
         return Tokens(x=x, pos=pos, grid=(gh, gw), targets=self.targets(images), modality="image")
 
     def targets(self, images: Tensor) -> Tensor:
         t = patchify(images.float(), self.patch_size)
-        if self.norm_targets:
-            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
-        return t
+        return normalize_per_token(t) if self.norm_targets else t
 
     def render(self, images: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
         """Map per-token targets (``[B, N, P]``, e.g. a reconstruction) back to images for viewing.
@@ -78,9 +75,6 @@ class ImagePatchTokenizer(nn.Module):
         Normalized targets are de-normalized with the true patches' statistics; tokens where
         ``keep [B, N]`` is False are drawn grey.
         """
-        true = patchify(images.float(), self.patch_size)
-        if self.norm_targets:
-            targets = targets * (true.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt() + true.mean(-1, keepdim=True)
-        targets = torch.where(keep.unsqueeze(-1), targets, torch.full_like(targets, 0.5))
+        targets = targets_for_viewing(targets, patchify(images.float(), self.patch_size), keep, self.norm_targets)
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         return unpatchify(targets, self.patch_size, grid, self.channels)

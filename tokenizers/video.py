@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
+from .common import grid_positions, normalize_per_token, targets_for_viewing
 
 __all__ = ["TubeletTokenizer", "tubeletify", "untubeletify", "frame_strip"]
 
@@ -141,17 +142,13 @@ class TubeletTokenizer(nn.Module):
         _check_divisible(video.shape[2:], self.tubelet)
         x = self.proj(video).flatten(2).transpose(1, 2)  # [B, N, D], (t, h, w) row-major
         grid = tuple(s // p for s, p in zip(video.shape[2:], self.tubelet))
-        axes = [torch.arange(g, device=x.device) for g in grid]
-        coords = torch.meshgrid(*axes, indexing="ij")
-        pos = torch.stack([c.flatten() for c in coords], dim=-1).expand(x.shape[0], -1, -1)
+        pos = grid_positions(grid, x.shape[0], x.device)
         return Tokens(x=x, pos=pos, grid=grid, targets=self.targets(video), modality="video")
 
     def targets(self, video: Tensor) -> Tensor:
         """Per-tubelet pixels ``[B, N, target_dim]``, normalized per tubelet if ``norm_targets``."""
         t = tubeletify(video.float(), self.tubelet)
-        if self.norm_targets:
-            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
-        return t
+        return normalize_per_token(t) if self.norm_targets else t
 
     def render(self, video: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
         """Map per-token targets (``[B, N, P]``, e.g. a reconstruction) back to frames for viewing.
@@ -165,9 +162,7 @@ class TubeletTokenizer(nn.Module):
         true = tubeletify(video.float(), self.tubelet)
         if targets.shape != true.shape:
             raise ValueError(f"render expects targets of shape {tuple(true.shape)} for this video, got {tuple(targets.shape)}")
-        if self.norm_targets:
-            targets = targets * (true.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt() + true.mean(-1, keepdim=True)
-        targets = torch.where(keep.unsqueeze(-1), targets, torch.full_like(targets, 0.5))
+        targets = targets_for_viewing(targets, true, keep, self.norm_targets)
         grid = tuple(s // p for s, p in zip(video.shape[2:], self.tubelet))
         return frame_strip(untubeletify(targets, self.tubelet, grid, self.channels), self.render_frames)
 
