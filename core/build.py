@@ -44,7 +44,8 @@ def build_backbone(cfg: DictConfig, components: Any) -> Backbone:
     tokenizer = components.tokenizer.build(name, dim=dim, **kwargs)
     posenc = build_posenc(cfg.model.posenc, dim, tokenizer.pos_axes, getattr(tokenizer, "grid_size", None))
     encoder = Encoder(dim, depth, heads, posenc, mlp_ratio=cfg.model.mlp_ratio, drop_path=cfg.model.drop_path,
-                      attn_backend=cfg.model.attn_backend, cls_token=cfg.model.cls_token)
+                      attn_backend=cfg.model.attn_backend, cls_token=cfg.model.cls_token,
+                      grad_checkpointing=cfg.model.grad_checkpointing)
     return Backbone(tokenizer, encoder, pool=cfg.model.pool)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["resolve_device", "autocast_for"]
+__all__ = ["resolve_device", "autocast_for", "sdpa_kernels", "SDPA_KERNELS", "compile_blocks"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,3 +30,40 @@ def autocast_for(device: torch.device, precision: str) -> tuple[Any, Optional[to
     if dtype is None:
         return contextlib.nullcontext, None
     return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+# run.sdpa_kernel: which fused kernels scaled_dot_product_attention may use. "auto" lets torch pick
+# (FlashAttention, cuDNN or memory-efficient on GPUs); naming one pins it, to measure or to dodge a
+# kernel bug. A padding mask rules FlashAttention out, so "flash" fails loudly on ragged batches.
+SDPA_KERNELS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def sdpa_kernels(name: str) -> Any:
+    """A context manager restricting SDPA to the kernel ``name`` (one of ``SDPA_KERNELS``)."""
+    if name not in SDPA_KERNELS:
+        raise ValueError(f"run.sdpa_kernel must be one of {', '.join(SDPA_KERNELS)}, got {name!r}")
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
+
+
+def compile_blocks(*modules: Optional[torch.nn.Module]) -> int:
+    """``torch.compile`` each transformer block inside ``modules`` in place; returns how many.
+
+    Compiling block by block (regional compilation) costs one compile per distinct block shape
+    rather than one per whole model, and keeps parameter names unchanged, so checkpoints written
+    with and without compilation load into each other.
+    """
+    from .layers import Block
+
+    count = 0
+    for module in modules:
+        for m in [] if module is None else module.modules():
+            if isinstance(m, Block):
+                m.compile()
+                count += 1
+    return count

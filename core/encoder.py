@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import Block
 from .tokens import Tokens
@@ -63,6 +64,8 @@ class Encoder(nn.Module):
         drop_path: stochastic depth at the last block (linearly increasing from 0).
         attn_backend: ``sdpa`` (default), ``math`` or ``xformers``.
         cls_token: prepend a learned class token.
+        grad_checkpointing: recompute each block's activations in the backward pass instead of
+            keeping them (less memory, about one more forward of compute).
     """
 
     def __init__(
@@ -75,9 +78,11 @@ class Encoder(nn.Module):
         drop_path: float = 0.0,
         attn_backend: str = "sdpa",
         cls_token: bool = True,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
+        self.grad_checkpointing = grad_checkpointing
         self.posenc = posenc
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -114,7 +119,10 @@ class Encoder(nn.Module):
         prefix = 0 if self.cls_token is None else 1
         kept = []
         for i, block in enumerate(self.blocks):
-            x = block(x, keep)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, keep, use_reentrant=False)
+            else:
+                x = block(x, keep)
             if i >= len(self.blocks) - layers:
                 kept.append(x[:, prefix:])
         x = self.norm(x)

@@ -35,8 +35,11 @@ class Batch:
 
 @dataclass
 class ObjectiveOutput:
+    """The loss to minimize and named metrics: floats or 0-d tensors (the trainer reads tensors
+    once per step, after the forward pass, so an objective need not synchronize the device)."""
+
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class Objective(Protocol):

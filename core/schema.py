@@ -26,6 +26,8 @@ class RunConfig:
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
+    compile: bool = False  # torch.compile every transformer block (student, objectives, teacher)
+    sdpa_kernel: str = "auto"  # auto | flash | cudnn | efficient | math (see core.device.sdpa_kernels)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ModelConfig:
     posenc: str = "sincos"  # sincos | learned | mlp
     cls_token: bool = True
     pool: str = "mean"  # mean | cls
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
 
 
 @dataclass

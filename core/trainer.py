@@ -27,7 +27,7 @@ from .backbone import Backbone
 from .build import build_backbone, build_dataset, build_masker, build_objectives, build_teacher, build_transforms
 from .checkpoint import load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state
 from .config import save_config
-from .device import autocast_for, resolve_device
+from .device import autocast_for, compile_blocks, resolve_device, sdpa_kernels
 from .data import AugmentedDataset, make_loader, mix_seed
 from .monitor import OnlineMonitor
 from .objective import Batch
@@ -159,6 +159,8 @@ class Trainer:
         monitor = OnlineMonitor(cfg, self.components, self.device) if cfg.eval.monitor_every else None
         model = nn.ModuleDict({"backbone": self.backbone, "objectives": objectives})
         optimizer = build_optimizer(model, stage.optim, self.device)
+        if cfg.run.compile:
+            compile_blocks(model, teacher)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         step = 0
         if state is not None:
@@ -214,7 +216,7 @@ class Trainer:
         raw = _to_device(raw, self.device)
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.run.seed, index, step, 1))
         metrics: dict[str, float] = {}
-        with self.autocast():
+        with self.autocast(), sdpa_kernels(self.cfg.run.sdpa_kernel):
             tokens = self.backbone.tokenize(raw)
             mask = masker(tokens, generator) if masker is not None else None
             batch = Batch(raw, tokens, mask, generator)
@@ -224,6 +226,7 @@ class Trainer:
                 loss = loss + weights[label] * out.loss.float()
                 metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
         value = loss.item()
+        metrics = {k: float(v) for k, v in metrics.items()}  # objectives may report tensors: one sync, here
         if not math.isfinite(value):
             last = self.folder.last if self.folder.last.is_file() else None
             raise NonFiniteLossError(

@@ -65,4 +65,4 @@ class MaskedPixel(nn.Module):
         pred = self.reconstruct(batch, student).float()
         target = gather_tokens(batch.tokens.targets, batch.mask.target).float()
         loss = F.mse_loss(pred, target) if self.loss_kind == "mse" else F.l1_loss(pred, target)
-        return ObjectiveOutput(loss, {"recon": loss.detach().item()})
+        return ObjectiveOutput(loss, {"recon": loss.detach()})

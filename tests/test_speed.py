@@ -1,0 +1,66 @@
+"""Speed switches: activation checkpointing, the SDPA kernel choice, compiled blocks. Each must
+change speed or memory only, never the numbers."""
+
+import pytest
+import torch
+
+from anymodal.core.checkpoint import load_checkpoint
+from anymodal.core.device import SDPA_KERNELS, sdpa_kernels
+from anymodal.core.encoder import Encoder
+from anymodal.core.posenc import build_posenc
+from anymodal.core.tokens import Tokens
+from helpers import anymodal, losses
+
+
+def _tokens(b=3, side=4, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(1, -1, 2)
+    return Tokens(x=torch.randn(b, side * side, dim, generator=g), pos=pos.expand(b, -1, -1))
+
+
+def _grads(encoder, tokens):
+    encoder.zero_grad()
+    encoder(tokens).tokens.x.pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in encoder.named_parameters()}
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    encoder = Encoder(32, 3, 2, build_posenc("sincos", 32, 2))
+    tokens = _tokens()
+    plain = _grads(encoder, tokens)
+    encoder.grad_checkpointing = True
+    recomputed = _grads(encoder, tokens)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sdpa_kernel_choice_keeps_outputs_and_rejects_unknown_names():
+    torch.manual_seed(0)
+    encoder = Encoder(32, 2, 2, build_posenc("sincos", 32, 2)).eval()
+    tokens = _tokens()
+    ref = encoder(tokens).tokens.x
+    with sdpa_kernels("math"):
+        torch.testing.assert_close(encoder(tokens).tokens.x, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="run.sdpa_kernel must be one of auto, flash"):
+        sdpa_kernels("flash2")
+    assert "cudnn" in SDPA_KERNELS
+
+
+@pytest.mark.timeout(600)
+def test_compiled_checkpointed_run_trains_and_writes_plain_parameter_names(tmp_path):
+    # torch.compile on every block, activation checkpointing and a pinned SDPA kernel, through the trainer
+    fast = tmp_path / "fast"
+    anymodal("train", "tiny-test", "--run-dir", fast, "recipe.stages.pretrain.steps=4", "run.compile=true",
+             "model.grad_checkpointing=true", "run.sdpa_kernel=math", timeout=600)
+    plain = tmp_path / "plain"
+    anymodal("train", "tiny-test", "--run-dir", plain, "recipe.stages.pretrain.steps=4")
+    fast_losses, plain_losses = losses(fast), losses(plain)
+    assert len(fast_losses) == 4
+    # same seed, same batches, same arithmetic up to kernel rounding
+    for (_, _, a), (_, _, b) in zip(fast_losses, plain_losses):
+        assert a == pytest.approx(b, rel=1e-3)
+    fast_state = load_checkpoint(fast / "checkpoints" / "last.pt")["backbone"]
+    plain_state = load_checkpoint(plain / "checkpoints" / "last.pt")["backbone"]
+    assert fast_state.keys() == plain_state.keys()
