@@ -110,7 +110,7 @@ class RandomMasker:
     def __call__(self, tokens: Tokens, generator: torch.Generator) -> Mask:
         valid = tokens.valid()
         n_vis, n_tgt = _split_ratio(int(_counts(tokens).min()), self.ratio)
-        noise = torch.rand(valid.shape, generator=generator).to(valid.device)
+        noise = torch.rand(valid.shape, generator=generator, device=generator.device).to(valid.device)
         order = noise.masked_fill(~valid, _PAD).argsort(dim=1, stable=True)
         return Mask(order[:, :n_vis], order[:, n_vis:n_vis + n_tgt])
 
@@ -170,7 +170,7 @@ class TubeMasker:
         n_cells = math.prod(spatial)
         strides = torch.tensor([math.prod(spatial[i + 1:]) for i in range(len(spatial))], device=tokens.pos.device)
         cell = (tokens.pos[..., 1:].long() * strides).sum(-1)
-        score = torch.rand(tokens.batch_size, n_cells, generator=generator).to(cell.device)
+        score = torch.rand(tokens.batch_size, n_cells, generator=generator, device=generator.device).to(cell.device)
         valid = tokens.valid()
         cells_real = int(_counts(tokens).min()) // grid[0]
         n_cells_masked = min(int(round(self.ratio * cells_real)), max(cells_real - 1, 0))
