@@ -1,0 +1,102 @@
+"""Correctness on a CUDA device, before timing anything there: the fused attention paths against
+the explicit one, ragged (padded) batches, activation checkpointing, and masking with a CUDA
+generator. Prints one line per check; exits non-zero when one fails.
+
+    python benchmarks/gpu_checks.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from anymodal.core.device import sdpa_kernels
+from anymodal.core.encoder import Encoder
+from anymodal.core.masking import RandomMasker
+from anymodal.core.posenc import build_posenc
+from anymodal.core.tokens import Tokens
+
+FAILED: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def tokens(b: int, n_side: int, dim: int, padded: bool) -> Tokens:
+    pos = torch.stack(torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij"), -1).reshape(1, -1, 2)
+    x = torch.randn(b, n_side * n_side, dim, device="cuda")
+    padding = None
+    if padded:  # sample i keeps its first n - 7*i tokens
+        counts = torch.tensor([n_side * n_side - 7 * i for i in range(b)], device="cuda")
+        padding = torch.arange(n_side * n_side, device="cuda")[None] >= counts[:, None]
+    return Tokens(x=x, pos=pos.expand(b, -1, -1).cuda(), padding=padding)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dim = 384
+    encoder = Encoder(dim, 4, 6, build_posenc("sincos", dim, 2)).cuda().eval()
+    math_encoder = Encoder(dim, 4, 6, build_posenc("sincos", dim, 2), attn_backend="math").cuda().eval()
+    math_encoder.load_state_dict(encoder.state_dict())
+    for padded in (False, True):
+        t = tokens(4, 14, dim, padded)
+        keep = t.valid().unsqueeze(-1)
+        with torch.no_grad():
+            ref = (math_encoder(t).tokens.x * keep).double()
+            for kernel in ("auto", "flash", "cudnn", "efficient"):
+                if padded and kernel == "flash":
+                    continue  # FlashAttention takes no mask; sdpa refuses rather than ignore it
+                for dtype in (torch.float32, torch.bfloat16):
+                    try:
+                        with sdpa_kernels(kernel), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                            out = encoder(t).tokens.x.float() * keep
+                    except RuntimeError as err:  # a kernel that does not take these inputs
+                        print(f"skip sdpa={kernel} {dtype} padded={padded}: {str(err).splitlines()[0][:120]}")
+                        continue
+                    err = rel_err(out, ref)
+                    bound = 2e-2 if dtype == torch.bfloat16 else 1e-3
+                    check(f"sdpa={kernel} {str(dtype)[6:]} padded={padded}", err < bound and out.isfinite().all().item(),
+                          f"rel err vs math {err:.2e} (bound {bound:.0e})")
+    try:
+        xformers_encoder = Encoder(dim, 4, 6, build_posenc("sincos", dim, 2), attn_backend="xformers").cuda().eval()
+    except ImportError as err:
+        print(f"skip xformers: {err}")
+    else:
+        xformers_encoder.load_state_dict(encoder.state_dict())
+        t = tokens(4, 14, dim, True)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = xformers_encoder(t).tokens.x.float() * t.valid().unsqueeze(-1)
+            ref = math_encoder(t).tokens.x.float() * t.valid().unsqueeze(-1)
+        check("xformers padded bf16", rel_err(out, ref) < 2e-2, f"rel err vs math {rel_err(out, ref):.2e}")
+
+    encoder.train()
+    t = tokens(4, 14, dim, True)
+    grads = []
+    for ckpt in (False, True):
+        encoder.grad_checkpointing = ckpt
+        encoder.zero_grad()
+        encoder(t).tokens.x.float().pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in encoder.parameters()]))
+    check("activation checkpointing grads", rel_err(grads[1], grads[0]) < 1e-5, f"rel err {rel_err(grads[1], grads[0]):.2e}")
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t = tokens(8, 14, dim, False)
+    mask = RandomMasker(0.75)(t, g)
+    union = torch.cat([mask.visible, mask.target], 1).sort(1).values
+    check("RandomMasker with a CUDA generator", mask.visible.is_cuda and mask.visible.shape[1] == 49
+          and bool((union == torch.arange(196, device="cuda")).all()), "49 visible + 147 targets partition 196 tokens")
+    if FAILED:
+        sys.exit(f"{len(FAILED)} check(s) failed: {', '.join(FAILED)}")
+    print("all GPU checks passed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/bin/bash
+# Everything this project checks and times on a lent GPU, in one call of the device tool:
+#   run: command="bash benchmarks/gpu_run.sh", carry=[".whl"]  (.whl: wheels of omegaconf and
+#   antlr4-python3-runtime, which that machine lacks; see the device tool's README)
+# Results land in $OUT: nvidia-smi.txt, gpu_checks.txt, train.txt, suite.json, suite.txt.
+set -u
+OUT=${OUT:-/tmp/anymodal-gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+fi
+mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/anymodal  # the repository root is the package
+export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/nvidia-smi.txt"
+python3 benchmarks/gpu_checks.py 2>&1 | tee "$OUT/gpu_checks.txt"
+timeout 150 python3 -m anymodal train tiny-test --run-dir /tmp/gpu-train run.device=cuda run.progress=false \
+  recipe.stages.pretrain.steps=60 2>&1 | tail -4 | tee "$OUT/train.txt"
+tail -2 /tmp/gpu-train/metrics.jsonl | tee -a "$OUT/train.txt"
+python3 benchmarks/suite.py --gpu --budget "${BUDGET:-440}" --json "$OUT/suite.json" 2>&1 | tee "$OUT/suite.txt"

@@ -1,0 +1,321 @@
+"""The performance suite: anymodal's training steps next to the same steps built from timm modules,
+in one run on one machine. Prints a Markdown table and writes JSON.
+
+    python benchmarks/suite.py                        # CPU: scaled-down sizes, a few minutes
+    python benchmarks/suite.py --gpu                  # CUDA: ViT-B/L at 224, video ViT-B 16x224x224
+    python benchmarks/suite.py --gpu --only mae       # rows whose name contains "mae"
+    python benchmarks/suite.py --json out.json --budget 480
+
+Each row runs in a fresh process (its own peak memory, its own compile caches): the median step
+time over timed steps after warm-up (synchronized on CUDA), throughput, peak memory (CUDA:
+``max_memory_allocated``; CPU: the growth of peak RSS over the footprint after building), and
+on CUDA the model FLOP utilization: FLOPs of one eager fwd+bwd counted by torch's
+``FlopCounterMode``, over the step time, over a bf16 8192^3 matmul measured at the start of the run.
+Rows run in the order listed (most important first); ``--budget`` seconds skips the rest.
+
+Workloads (CPU sizes in parentheses):
+  dense  ViT-B/16 and ViT-L/16 at 224 (tiny at 112), fwd+bwd+AdamW, cross-entropy on the class token
+  mae    ViT-B/16, 75% random mask, 8x512 decoder (tiny, 4x128 decoder)
+  video  ViT-B, 16x224x224 clips (tiny, 8x64x64), tubelet 2x16x16: the encoder on the visible
+         tubelets only, pooled, InfoNCE against caption embeddings (the long-video recipe's
+         masked-input contrastive step), mask ratio 0 / 0.5 / 0.75 / 0.9
+  options on the dense ViT-B step: SDPA kernel, fp32, unfused AdamW, activation checkpointing,
+         xformers (when installed), and torch.compile for both implementations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+
+# name: workload, implementation, options. Sizes and batches per device are in SHAPES.
+ROWS: list[dict[str, Any]] = [
+    {"name": "mae-B anymodal", "work": "mae", "impl": "anymodal", "size": "base"},
+    {"name": "mae-B timm", "work": "mae", "impl": "timm", "size": "base"},
+    {"name": "mae-B anymodal compile", "work": "mae", "impl": "anymodal", "size": "base", "compile": "blocks"},
+    {"name": "mae-B timm compile", "work": "mae", "impl": "timm", "size": "base", "compile": "full"},
+    {"name": "dense-L anymodal", "work": "dense", "impl": "anymodal", "size": "large"},
+    {"name": "dense-L timm", "work": "dense", "impl": "timm", "size": "large"},
+    *[{"name": f"video-B mask {r}", "work": "video", "impl": "anymodal", "size": "base", "ratio": r}
+      for r in (0.0, 0.5, 0.75, 0.9)],
+    {"name": "dense-B anymodal", "work": "dense", "impl": "anymodal", "size": "base"},
+    {"name": "dense-B timm", "work": "dense", "impl": "timm", "size": "base"},
+    *[{"name": f"dense-B anymodal sdpa={k}", "work": "dense", "impl": "anymodal", "size": "base", "sdpa": k}
+      for k in ("flash", "cudnn", "efficient", "math")],
+    {"name": "dense-B anymodal xformers", "work": "dense", "impl": "anymodal", "size": "base", "attn": "xformers"},
+    {"name": "dense-B anymodal fp32", "work": "dense", "impl": "anymodal", "size": "base", "precision": "fp32"},
+    {"name": "dense-B anymodal unfused AdamW", "work": "dense", "impl": "anymodal", "size": "base", "fused": False},
+    {"name": "dense-B anymodal grad ckpt", "work": "dense", "impl": "anymodal", "size": "base", "ckpt": True},
+    {"name": "dense-L anymodal compile", "work": "dense", "impl": "anymodal", "size": "large", "compile": "blocks"},
+    {"name": "mae-B anymodal compile full", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full"},
+    {"name": "dense-B anymodal compile", "work": "dense", "impl": "anymodal", "size": "base", "compile": "blocks"},
+    {"name": "dense-B timm compile", "work": "dense", "impl": "timm", "size": "base", "compile": "full"},
+]
+
+# (gpu, cpu): encoder size, image side / (frames, side), batch
+SHAPES = {
+    ("dense", "base"): {"gpu": ("base", 224, 256), "cpu": ("tiny", 112, 16)},
+    ("dense", "large"): {"gpu": ("large", 224, 128), "cpu": ("small", 112, 8)},
+    ("mae", "base"): {"gpu": ("base", 224, 512), "cpu": ("tiny", 112, 32)},
+    ("video", "base"): {"gpu": ("base", (16, 224), 32), "cpu": ("tiny", (8, 64), 8)},
+}
+DECODER = {"gpu": (512, 8, 16), "cpu": (128, 4, 4)}  # MAE decoder width, depth, heads
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def matmul_ceiling_tflops() -> float:
+    """bf16 8192^3 matmul throughput on random data: the MFU denominator."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[], Any], list[Any], int, str]:
+    """(loss function, parameters, batch, unit) for one row."""
+    import torch
+
+    from anymodal.core.backbone import Backbone
+    from anymodal.core.encoder import ENCODER_SIZES, Encoder
+    from anymodal.core.posenc import build_posenc
+    from anymodal.tokenizers.image import ImagePatchTokenizer
+
+    size, geometry, batch = SHAPES[(row["work"], row["size"])][dev]
+    dim, depth, heads = ENCODER_SIZES[size]
+    gen = torch.Generator(device=device).manual_seed(0)
+    attn = row.get("attn", "sdpa")
+
+    def image_backbone(side: int) -> Backbone:
+        tokenizer = ImagePatchTokenizer(dim, image_size=side, patch_size=16, channels=3)
+        posenc = build_posenc("learned", dim, 2, tokenizer.grid_size)  # timm's ViT learns its table too
+        encoder = Encoder(dim, depth, heads, posenc, attn_backend=attn, grad_checkpointing=row.get("ckpt", False))
+        return Backbone(tokenizer, encoder, pool="cls")
+
+    if row["work"] == "dense":
+        side = geometry
+        images = torch.randn(batch, 3, side, side, device=device)
+        labels = torch.randint(0, 1000, (batch,), device=device, generator=gen)
+        if row["impl"] == "timm":
+            from peer import timm_vit
+
+            model = timm_vit(size, side).to(device)
+            if row.get("ckpt"):
+                model.set_grad_checkpointing(True)
+            forward = model
+        else:
+            backbone = image_backbone(side)
+            head = torch.nn.Linear(dim, 1000)
+            model = torch.nn.ModuleDict({"backbone": backbone, "head": head}).to(device)
+            forward = lambda x: head(backbone.embed({"image": x}))  # noqa: E731
+        return _compiled(row, model, lambda: torch.nn.functional.cross_entropy(forward(images), labels)), \
+            list(model.parameters()), batch, "img/s"
+
+    if row["work"] == "mae":
+        side = geometry
+        images = torch.randn(batch, 3, side, side, device=device)
+        ddim, ddepth, dheads = DECODER[dev]
+        if row["impl"] == "timm":
+            from peer import TimmMae
+
+            model = TimmMae(dim, depth, heads, side, 16, ddim, ddepth, dheads).to(device)
+            return _compiled(row, model, lambda: model(images)), list(model.parameters()), batch, "img/s"
+        from anymodal.core.masking import RandomMasker
+        from anymodal.core.objective import Batch
+        from anymodal.objectives.masked_pixel import MaskedPixel
+
+        backbone = image_backbone(side)
+        objective = MaskedPixel(dim, backbone.tokenizer, ddim, ddepth, dheads)
+        model = torch.nn.ModuleDict({"backbone": backbone, "objective": objective}).to(device)
+        masker = RandomMasker(0.75)
+
+        def mae_loss() -> Any:
+            tokens = backbone.tokenize({"image": images})
+            return objective(Batch({"image": images}, tokens, masker(tokens, gen), gen), backbone).loss
+        return _compiled(row, model, mae_loss), list(model.parameters()), batch, "img/s"
+
+    # video: masked-input contrastive step
+    from anymodal.core.masking import RandomMasker
+    from anymodal.objectives.contrastive import info_nce
+    from anymodal.tokenizers.video import TubeletTokenizer
+
+    frames, side = geometry
+    tokenizer = TubeletTokenizer(dim, frames=frames, image_size=side, tubelet=(2, 16, 16), channels=3)
+    backbone = Backbone(tokenizer, Encoder(dim, depth, heads, build_posenc("sincos", dim, 3), attn_backend=attn))
+    proj = torch.nn.Linear(dim, 512)
+    model = torch.nn.ModuleDict({"backbone": backbone, "proj": proj}).to(device)
+    video = torch.rand(batch, 3, frames, side, side, device=device)
+    # the caption side: embeddings of a frozen text tower, whose cost does not depend on the mask
+    captions = torch.nn.functional.normalize(torch.randn(batch, 512, device=device, generator=gen), dim=-1)
+    masker = RandomMasker(row["ratio"]) if row["ratio"] > 0 else None
+
+    def video_loss() -> Any:
+        tokens = backbone.tokenize({"video": video})
+        index = None if masker is None else masker(tokens, gen).visible
+        pooled = backbone.pool(backbone.encode(tokens, index))
+        return info_nce(torch.nn.functional.normalize(proj(pooled), dim=-1), captions, torch.tensor(1 / 0.07))
+    return _compiled(row, model, video_loss), list(model.parameters()), batch, "clip/s"
+
+
+def _compiled(row: dict[str, Any], model: Any, loss_fn: Callable[[], Any]) -> Callable[[], Any]:
+    import torch
+
+    from anymodal.core.device import compile_blocks
+
+    mode = row.get("compile")
+    if mode == "blocks":  # what run.compile=true does in the trainer
+        compile_blocks(model)
+    elif mode == "full":  # the whole loss function as one graph (a peer user's torch.compile(model))
+        return torch.compile(loss_fn)
+    return loss_fn
+
+
+def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: float) -> dict[str, Any]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anymodal.core.device import sdpa_kernels
+
+    dev = "gpu" if gpu else "cpu"
+    device = torch.device("cuda" if gpu else "cpu")
+    torch.manual_seed(0)
+    if row.get("attn") == "xformers":
+        from anymodal.core.attention import check_backend
+
+        check_backend("xformers")  # ImportError -> the row is reported as skipped
+    loss_fn, params, batch, unit = build_step(row, device, dev)
+    # fused AdamW on CUDA unless the row turns it off; off means the per-parameter loop
+    if row.get("fused", True) is False:
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True if gpu else None)
+    precision = row.get("precision", "bf16" if gpu else "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step() -> None:
+        with autocast, sdpa_kernels(row.get("sdpa", "auto")):
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    base_rss = _peak_rss_bytes()
+    flops = 0
+    if row.get("compile") is None:  # counted eagerly; a compiled row does the same arithmetic
+        with FlopCounterMode(display=False) as counter:
+            with autocast, sdpa_kernels(row.get("sdpa", "auto")):
+                loss = loss_fn()
+            loss.backward()
+        flops = counter.get_total_flops()
+        opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if gpu else _peak_rss_bytes() - base_rss
+    sec = statistics.median(times)
+    out = {**row, "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
+           "model": SHAPES[(row["work"], row["size"])][dev][0], "batch": batch, "precision": precision,
+           "step_ms": round(1000 * sec, 2), "throughput": round(batch / sec, 1), "unit": unit,
+           "peak_mem_gib": round(peak / 2**30, 3), "warmup_s": round(warm_s, 1)}
+    if flops:
+        out["tflop_per_step"] = round(flops / 1e12, 4)
+        out["achieved_tflops"] = round(flops / sec / 1e12, 2)
+        if ceiling:
+            out["mfu"] = round(flops / sec / 1e12 / ceiling, 4)
+    return out
+
+
+def run_rows(rows: list[dict[str, Any]], gpu: bool, steps: int, warmup: int, budget: float,
+             json_path: str | None) -> list[dict[str, Any]]:
+    ceiling = matmul_ceiling_tflops() if gpu else 0.0
+    if gpu:
+        print(f"bf16 8192^3 matmul: {ceiling:.0f} TFLOP/s", flush=True)
+    start, results = time.perf_counter(), []
+    for row in rows:
+        if time.perf_counter() - start > budget:
+            results.append({**row, "skipped": f"over the {budget:.0f} s budget"})
+            continue
+        cmd = [sys.executable, __file__, "--one", json.dumps(row), "--steps", str(steps), "--warmup", str(warmup),
+               "--ceiling", str(ceiling)] + (["--gpu"] if gpu else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(budget - (time.perf_counter() - start), 30))
+        except subprocess.TimeoutExpired:
+            results.append({**row, "skipped": "timed out"})
+            continue
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode == 0 and lines:
+            results.append(json.loads(lines[-1]))
+        else:
+            reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append({**row, "skipped": reason[:200]})
+        print(json.dumps(results[-1]), flush=True)
+        if json_path:
+            Path(json_path).write_text(json.dumps({"matmul_tflops": ceiling, "rows": results}, indent=2))
+    return results
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| workload | batch | step ms | throughput | MFU | peak mem GiB |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | - | - | skipped: {r['skipped']} | - | - |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        lines.append(f"| {r['name']} ({r['model']}) | {r['batch']} | {r['step_ms']} | {r['throughput']:,} {r['unit']} | "
+                     f"{mfu} | {r['peak_mem_gib']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--only", action="append", default=[], help="keep rows whose name contains this (repeatable)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--budget", type=float, default=3600.0, help="seconds; rows after it are skipped")
+    p.add_argument("--json")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # child process: one row, as JSON
+    p.add_argument("--ceiling", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    sys.path.insert(0, str(HERE))  # peer.py
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one), args.gpu, args.steps, args.warmup, args.ceiling)))
+        return
+    rows = [r for r in ROWS if not args.only or any(s in r["name"] for s in args.only)]
+    results = run_rows(rows, args.gpu, args.steps, args.warmup, args.budget, args.json)
+    print(format_table(results))
+
+
+if __name__ == "__main__":
+    main()
