@@ -33,8 +33,9 @@ class Backbone(nn.Module):
             raise KeyError(f"batch has no field {key!r} for the tokenizer; fields: {', '.join(sorted(batch))}")
         return self.tokenizer(batch[key])
 
-    def encode(self, tokens: Tokens, index: Optional[Tensor] = None, layers: int = 0) -> Encoded:
-        return self.encoder(tokens, index, layers)
+    def encode(self, tokens: Tokens, index: Optional[Tensor] = None, layers: int = 0,
+               posenc: Optional[nn.Module] = None) -> Encoded:
+        return self.encoder(tokens, index, layers, posenc)
 
     def pool(self, encoded: Encoded) -> Tensor:
         return encoded.pool(self.pool_mode)

@@ -99,17 +99,20 @@ class Encoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, tokens: Tokens, index: Optional[Tensor] = None, layers: int = 0) -> Encoded:
+    def forward(self, tokens: Tokens, index: Optional[Tensor] = None, layers: int = 0,
+                posenc: Optional[nn.Module] = None) -> Encoded:
         """Encode ``tokens``, or only the tokens at ``index [B, M]`` (gathered, never masked in place).
 
         Args:
             tokens: the token sets.
             index: ``[B, M]`` indices of the tokens to encode; None encodes all.
             layers: also return the outputs of the last ``layers`` blocks (for layer-wise distillation).
+            posenc: the positional encoding to use instead of the encoder's own, for tokens of
+                another modality whose positions have other axes (a second sensor's tokenizer).
         """
         if index is not None:
             tokens = tokens.select(index)
-        x = tokens.x + self.posenc(tokens.pos).to(tokens.x.dtype)
+        x = tokens.x + (self.posenc if posenc is None else posenc)(tokens.pos).to(tokens.x.dtype)
         keep = None if tokens.padding is None else ~tokens.padding
         if self.cls_token is not None:
             cls = (self.cls_token + self.cls_pos).expand(x.shape[0], -1, -1).to(x.dtype)

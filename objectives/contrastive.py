@@ -23,6 +23,7 @@ from ..core.distributed import all_gather_with_grad, rank
 from ..core.encoder import Encoded
 from ..core.masking import RandomMasker
 from ..core.objective import Batch, ObjectiveOutput
+from ..core.posenc import build_posenc
 from ..core.registry import check_kwargs
 from ..core.tokens import Tokens
 from .text_tower import TextEncoder
@@ -142,7 +143,10 @@ class Contrastive(nn.Module):
         other_key: batch field of the second modality (``pair=modality``; default the other
             tokenizer's ``input_key``).
         other_tokenizer: the second modality's tokenizer, built or as ``{"name": ..., **kwargs}``
-            (``pair=modality``); its positions must suit the student encoder's positional encoding.
+            (``pair=modality``).
+        other_posenc: the positional encoding of the second modality's tokens in the shared
+            encoder (``sincos``, ``learned``, ``mlp``), built for that tokenizer's position axes,
+            so the two modalities need not share a kind of position (2-D patches and 3-D points).
 
     Raises:
         ValueError: an unknown pair or pooling, a temperature out of bounds, a bad mask ratio, or
@@ -154,7 +158,8 @@ class Contrastive(nn.Module):
     def __init__(self, dim: int, tokenizer: nn.Module, pair: str = "text", embed_dim: int = 128, pool: str = "mean",
                  temperature: float = 0.07, learn_temperature: bool = True, max_logit_scale: float = 100.0,
                  mask_ratio: float = 0.0, gather: bool = True, text: Optional[Mapping[str, Any]] = None,
-                 other_key: Optional[str] = None, other_tokenizer: nn.Module | Mapping[str, Any] | None = None) -> None:
+                 other_key: Optional[str] = None, other_tokenizer: nn.Module | Mapping[str, Any] | None = None,
+                 other_posenc: str = "sincos") -> None:
         super().__init__()
         if pair not in PAIRS:
             raise ValueError(f"unknown contrastive pair {pair!r}; choose one of {', '.join(PAIRS)}")
@@ -198,6 +203,7 @@ class Contrastive(nn.Module):
             built = other_tokenizer if isinstance(other_tokenizer, nn.Module) else _build_tokenizer(other_tokenizer, dim)
             self.other_tokenizer = built
             self.other_key = other_key if other_key is not None else built.input_key
+            self.other_posenc = build_posenc(other_posenc, dim, built.pos_axes, getattr(built, "grid_size", None))
             self.partner_pool = AttentivePool(dim, heads) if pool == "attentive" else None
             self.partner_proj = nn.Linear(dim, embed_dim)
 
@@ -235,7 +241,8 @@ class Contrastive(nn.Module):
         index = self.masker(tokens, generator).visible if self.masker is not None and generator is not None else None
         proj = self.sample_proj if self.partner_proj is None else self.partner_proj
         pool = self.sample_pool if self.pair == "views" else self.partner_pool
-        return self._embed(student.encode(tokens, index), pool, proj)
+        posenc = self.other_posenc if self.pair == "modality" else None
+        return self._embed(student.encode(tokens, index, posenc=posenc), pool, proj)
 
     def embed_sample(self, raw: Mapping[str, Any], student: Any) -> Tensor:
         """Samples' normalized embeddings ``[B, embed_dim]`` from all their tokens (retrieval evaluation).

@@ -163,6 +163,24 @@ def test_modality_pair(built):
     assert obj.embed_partner(_raw(), bb).shape == (4, 128)
 
 
+def test_modality_pair_with_positions_of_other_axes():
+    # a 2-D image student paired with 3-D video tubelets: the partner gets its own positional encoding
+    from anymodal.tokenizers.video import TubeletTokenizer
+
+    bb = _backbone()
+    clips = TubeletTokenizer(DIM, frames=4, image_size=8, tubelet=(2, 4, 4), channels=3, input_key="clip")
+    obj = Contrastive(DIM, bb.tokenizer, pair="modality", other_tokenizer=clips, other_posenc="learned")
+    raw = dict(_raw(), clip=torch.randn(4, 3, 4, 8, 8))
+    out = obj(_batch(raw, bb), bb)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert obj.other_posenc.table.grad.abs().sum() > 0  # the partner's positions reach the encoder
+    assert bb.encoder.posenc.num_axes == 2 and obj.other_posenc.table.shape == (2 * 2 * 2, DIM)
+    # the student's own encoding would not take these positions
+    with pytest.raises(ValueError, match="built for 2 axes got positions with 3"):
+        bb.encode(clips(raw["clip"]))
+
+
 # ---------------------------------------------------------------- masked-input contrastive
 
 
