@@ -13,7 +13,10 @@ the encoder's positional information.
 
 Both compare features with the normalized MSE, `normalized_mse`: the squared distance between
 L2-normalized vectors, which equals ``2 - 2 cos(pred, target)`` per token; it ignores the
-teacher's feature scale.
+teacher's feature scale. `MaskedDistill` can instead regress data2vec's targets (Baevski et al.,
+2022, "data2vec: A General Framework for Self-supervised Learning in Speech, Vision and
+Language"): the average of the teacher's last k block outputs, each normalized first
+(`teacher_targets`), with an MSE or smooth-L1 loss.
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ from ..core.posenc import build_posenc
 from ..core.teachers import teacher_encode
 from ..core.tokens import gather_tokens
 
-__all__ = ["UnmaskedTokenDistill", "MaskedDistill", "GlobalDecoder", "normalized_mse", "arrange_visible"]
+__all__ = ["UnmaskedTokenDistill", "MaskedDistill", "GlobalDecoder", "normalized_mse", "arrange_visible",
+           "normalize_features", "teacher_targets", "TARGET_NORMS"]
+
+TARGET_NORMS = ("none", "layer", "instance")
+DISTILL_LOSSES = ("normalized_mse", "mse", "smooth_l1")
 
 
 def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -44,6 +51,50 @@ def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
     """
     diff = F.normalize(pred.float(), dim=-1) - F.normalize(target.float(), dim=-1)
     return diff.pow(2).sum(-1).mean()
+
+
+def normalize_features(x: Tensor, norm: str, valid: Optional[Tensor] = None) -> Tensor:
+    """Normalize teacher features ``[B, N, D]`` without affine parameters.
+
+    ``layer``: each token over the feature axis. ``instance``: each feature of each sample over its
+    real tokens (``valid [B, N]``; None means all), as ``F.instance_norm`` over the token axis
+    (eps 1e-5, biased variance). ``none``: unchanged.
+
+    Raises:
+        ValueError: an unknown ``norm``.
+    """
+    if norm == "none":
+        return x
+    if norm == "layer":
+        return F.layer_norm(x, (x.shape[-1],))
+    if norm != "instance":
+        raise ValueError(f"target norm must be one of {', '.join(TARGET_NORMS)}, got {norm!r}")
+    w = torch.ones(x.shape[:2], device=x.device, dtype=x.dtype) if valid is None else valid.to(x.dtype)
+    w = w.unsqueeze(-1)
+    count = w.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (x * w).sum(1, keepdim=True) / count
+    var = ((x - mean).pow(2) * w).sum(1, keepdim=True) / count
+    return (x - mean) * torch.rsqrt(var + 1e-5)
+
+
+def teacher_targets(batch: Batch, teacher: Any, layers: int = 0, norm: str = "none") -> Tensor:
+    """The teacher's target features over all tokens, ``[B, N, D]`` float32.
+
+    ``layers == 0``: its final (normed) features, then ``normalize_features(., norm)``.
+    ``layers = k > 0``: data2vec's target, the mean of its last k block outputs (before the final
+    norm), each normalized by ``norm`` first so that no block's scale dominates.
+
+    Raises:
+        ValueError: no teacher, or it gives fewer than ``layers`` block outputs.
+    """
+    encoded = teacher_encode(batch, teacher, layers=layers)
+    valid = encoded.tokens.valid()
+    if layers == 0:
+        return normalize_features(encoded.tokens.x.float(), norm, valid)
+    if len(encoded.layers) != layers:
+        raise ValueError(f"the target averages the teacher's last {layers} blocks, but it gives "
+                         f"{len(encoded.layers)}: lower target_layers")
+    return torch.stack([normalize_features(h.float(), norm, valid) for h in encoded.layers]).mean(0)
 
 
 def arrange_visible(features: Tensor, generator: torch.Generator, shuffle: bool = True) -> tuple[Tensor, Tensor]:
@@ -69,6 +120,14 @@ def arrange_visible(features: Tensor, generator: torch.Generator, shuffle: bool 
     sigma = torch.rand(b, n, generator=generator, device=generator.device).argsort(dim=1).to(features.device)
     perm = torch.empty_like(sigma).scatter_(1, sigma, sigma.roll(-1, dims=1))
     return gather_tokens(features, perm), perm
+
+
+def _regression_loss(kind: str, pred: Tensor, target: Tensor) -> Tensor:
+    if kind == "normalized_mse":
+        return normalized_mse(pred, target)
+    if kind == "mse":
+        return F.mse_loss(pred.float(), target.float())
+    return F.smooth_l1_loss(pred.float(), target.float())
 
 
 def _require(batch: Batch, teacher: Any, name: str) -> Mask:
@@ -199,6 +258,16 @@ class MaskedDistill(nn.Module):
         global_weight: weight of the global term.
         token_weight: weight of the token-wise term.
         attn_backend: attention kernel of the decoders.
+        target_layers: the token targets: 0, the teacher's final features (VideoPrism); k > 0, the
+            mean of its last k block outputs (data2vec, see `teacher_targets`). The global target
+            is always the mean-pooled final features.
+        target_norm: normalization of each token target layer (``none``, ``layer``, ``instance``);
+            data2vec instance-normalizes each block output over the tokens.
+        loss: token-wise loss, ``normalized_mse`` (VideoPrism; ignores scale), ``mse`` or
+            ``smooth_l1`` (data2vec; both need normalized targets to mean anything).
+
+    Raises:
+        ValueError: ``target_layers < 0``, an unknown ``target_norm`` or ``loss``.
     """
 
     needs_mask = True
@@ -218,8 +287,18 @@ class MaskedDistill(nn.Module):
         global_weight: float = 1.0,
         token_weight: float = 1.0,
         attn_backend: str = "sdpa",
+        target_layers: int = 0,
+        target_norm: str = "none",
+        loss: str = "normalized_mse",
     ) -> None:
         super().__init__()
+        if target_layers < 0:
+            raise ValueError(f"masked distill target_layers must be 0 (final features) or more, got {target_layers}")
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(f"masked distill target_norm must be one of {', '.join(TARGET_NORMS)}, got {target_norm!r}")
+        if loss not in DISTILL_LOSSES:
+            raise ValueError(f"masked distill loss must be one of {', '.join(DISTILL_LOSSES)}, got {loss!r}")
+        self.target_layers, self.target_norm, self.loss_kind = int(target_layers), target_norm, loss
         self.teacher_dim = dim if teacher_dim is None else int(teacher_dim)
         self.shuffle = shuffle
         self.global_weight, self.token_weight = float(global_weight), float(token_weight)
@@ -251,14 +330,15 @@ class MaskedDistill(nn.Module):
         """``(global [B, teacher_dim], tokens [B, Nt, teacher_dim])``: the teacher's mean-pooled
         embedding of the full input and its features at ``batch.mask.target``."""
         mask = _require(batch, teacher, "masked distill")
+        tokens = teacher_targets(batch, teacher, self.target_layers, self.target_norm)  # first: one teacher run
         encoded = teacher_encode(batch, teacher)
         if encoded.tokens.x.shape[-1] != self.teacher_dim:
             raise ValueError(f"masked distill predicts {self.teacher_dim}-wide features but the teacher gives "
                              f"{encoded.tokens.x.shape[-1]}: set the objective's teacher_dim to {encoded.tokens.x.shape[-1]}")
-        return encoded.pool("mean"), gather_tokens(encoded.tokens.x, mask.target)
+        return encoded.pool("mean"), gather_tokens(tokens, mask.target)
 
     def forward(self, batch: Batch, student: Any, teacher: Any = None) -> ObjectiveOutput:
-        """``global_weight * global + token_weight * token``, both normalized MSE.
+        """``global_weight * global + token_weight * token``: normalized MSE, and ``loss`` for the tokens.
 
         Raises:
             ValueError: the batch has no mask or there is no teacher.
@@ -266,7 +346,7 @@ class MaskedDistill(nn.Module):
         global_target, token_target = self.targets(batch, teacher)
         global_pred, token_pred, _ = self.predict(batch, student)
         global_loss = normalized_mse(global_pred, global_target)
-        token_loss = normalized_mse(token_pred, token_target)
+        token_loss = _regression_loss(self.loss_kind, token_pred, token_target)
         loss = self.global_weight * global_loss + self.token_weight * token_loss
         return ObjectiveOutput(loss, {"loss": loss.detach().item(), "global": global_loss.detach().item(),
                                       "token": token_loss.detach().item()})

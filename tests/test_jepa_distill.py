@@ -13,8 +13,9 @@ from anymodal.core.objective import Batch
 from anymodal.core.posenc import build_posenc
 from anymodal.core.teachers import BackboneTeacher, EmaTeacher
 from anymodal.core.tokens import gather_tokens
-from anymodal.objectives.distill import MaskedDistill, UnmaskedTokenDistill, arrange_visible, normalized_mse
-from anymodal.objectives.jepa import Jepa
+from anymodal.objectives.distill import (MaskedDistill, UnmaskedTokenDistill, arrange_visible, normalize_features,
+                                         normalized_mse, teacher_targets)
+from anymodal.objectives.jepa import Jepa, variance_hinge
 from anymodal.tokenizers.image import ImagePatchTokenizer
 
 DIM = 32
@@ -273,3 +274,116 @@ def test_predict_needs_a_mask(objective_class):
     batch = make_batch(student, RandomMasker(0.5))
     with pytest.raises(ValueError, match="masker"):
         objective_class(DIM, student.tokenizer).predict(Batch(batch.raw, batch.tokens, None, batch.generator), student)
+
+
+# ---------------------------------------------------------------------------------------------- data2vec targets
+
+
+class CountingTeacher(BackboneTeacher):
+    """A backbone teacher that counts its runs."""
+
+    def __init__(self, backbone):
+        super().__init__(copy.deepcopy(backbone))
+        self.calls = 0
+
+    def forward(self, batch, layers=0):
+        self.calls += 1
+        return super().forward(batch, layers)
+
+
+def test_normalize_features_instance_is_instance_norm_over_the_tokens():
+    x = torch.randn(B, 10, 6) * 3 + 1
+    expected = torch.nn.functional.instance_norm(x.transpose(1, 2)).transpose(1, 2)
+    assert torch.allclose(normalize_features(x, "instance"), expected, atol=1e-5)
+    assert torch.allclose(normalize_features(x, "layer"), torch.nn.functional.layer_norm(x, (6,)))
+    assert torch.equal(normalize_features(x, "none"), x)
+    # padded tokens take no part in the statistics
+    valid = torch.ones(B, 10, dtype=torch.bool)
+    valid[:, 7:] = False
+    padded = normalize_features(x, "instance", valid)
+    assert torch.allclose(padded[:, :7], normalize_features(x[:, :7], "instance"), atol=1e-5)
+    with pytest.raises(ValueError, match="none, layer, instance"):
+        normalize_features(x, "batch")
+
+
+def test_teacher_targets_average_the_instance_normalized_last_blocks():
+    student = tiny_backbone()
+    teacher = CountingTeacher(student)
+    batch = make_batch(student, RandomMasker(0.5))
+    got = teacher_targets(batch, teacher, layers=2, norm="instance")
+    blocks = teacher.backbone.encode(batch.tokens, None, 2).layers  # the same tokens, run directly
+    direct = [torch.nn.functional.instance_norm(h.transpose(1, 2)).transpose(1, 2) for h in blocks]
+    assert torch.allclose(got, (direct[0] + direct[1]) / 2, atol=1e-5)
+    assert teacher_targets(batch, teacher, layers=1, norm="instance").shape == got.shape
+    assert teacher.calls == 1  # one teacher run serves every layer count up to 2
+    with pytest.raises(ValueError, match="last 3 blocks"):
+        teacher_targets(make_batch(student, RandomMasker(0.5)), teacher, layers=3)
+
+
+def test_masked_distill_defaults_keep_the_final_feature_targets_and_normalized_mse():
+    student = tiny_backbone()
+    teacher = EmaTeacher(student)
+    objective = MaskedDistill(DIM, student.tokenizer, global_weight=0.0)
+    batch = make_batch(student, RandomMasker(0.75))
+    _, token_target = objective.targets(batch, teacher)
+    assert torch.equal(token_target, gather_tokens(teacher(batch).tokens.x, batch.mask.target))
+    _, token_pred, _ = objective.predict(batch, student)
+    assert objective(batch, student, teacher).loss.item() == pytest.approx(
+        normalized_mse(token_pred, token_target).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["mse", "smooth_l1"])
+def test_masked_distill_data2vec_targets_and_loss(loss):
+    student = tiny_backbone()
+    teacher = CountingTeacher(student)
+    objective = MaskedDistill(DIM, student.tokenizer, global_weight=0.0, target_layers=2, target_norm="instance",
+                              loss=loss)
+    batch = make_batch(student, RandomMasker(0.75))
+    _, token_target = objective.targets(batch, teacher)
+    assert teacher.calls == 1  # the global and the token targets share one teacher run
+    assert torch.allclose(token_target, gather_tokens(teacher_targets(batch, teacher, 2, "instance"), batch.mask.target))
+    _, token_pred, _ = objective.predict(batch, student)
+    fn = torch.nn.functional.mse_loss if loss == "mse" else torch.nn.functional.smooth_l1_loss
+    out = objective(batch, student, teacher)
+    assert out.loss.item() == pytest.approx(fn(token_pred, token_target).item(), rel=1e-5)
+    out.loss.backward()
+    assert student.encoder.blocks[-1].mlp.fc2.weight.grad is not None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target_layers": -1}, "target_layers"),
+    ({"target_norm": "batch"}, "target_norm must be one of none, layer, instance"),
+    ({"loss": "huber"}, "loss must be one of normalized_mse, mse, smooth_l1"),
+])
+def test_masked_distill_rejects_bad_target_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MaskedDistill(DIM, tiny_backbone().tokenizer, **kwargs)
+
+
+def test_jepa_layer_averaged_targets_and_variance_hinge():
+    student = tiny_backbone()
+    teacher = EmaTeacher(student)
+    batch = make_batch(student, jepa_masker())
+    objective = Jepa(DIM, student.tokenizer, norm_targets="instance", target_layers=2, var_weight=0.5)
+    expected = gather_tokens(teacher_targets(batch, teacher, 2, "instance"), batch.mask.target)
+    assert torch.allclose(objective.targets(batch, teacher), expected)
+    out = objective(batch, student, teacher)
+    out.loss.backward()
+    assert "var_hinge" in out.metrics and out.metrics["var_hinge"] > 0
+    assert student.encoder.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_variance_hinge_is_zero_above_unit_std_and_positive_for_a_collapse():
+    spread = torch.randn(256, 8) * 3
+    assert variance_hinge(spread).item() == 0.0
+    assert variance_hinge(torch.ones(256, 8)).item() == pytest.approx(1 - 1e-2, rel=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"norm_targets": "batch"}, "norm_targets must be true, false or one of none, layer, instance"),
+    ({"target_layers": -1}, "target_layers"),
+    ({"var_weight": -0.1}, "var_weight"),
+])
+def test_jepa_rejects_bad_target_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Jepa(DIM, tiny_backbone().tokenizer, **kwargs)
