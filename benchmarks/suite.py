@@ -92,8 +92,8 @@ def matmul_ceiling_tflops() -> float:
     return 2 * 8192**3 * 20 / (start.elapsed_time(end) / 1000) / 1e12
 
 
-def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[], Any], list[Any], int, str]:
-    """(loss function, parameters, batch, unit) for one row."""
+def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[], Any], Any, int, str]:
+    """(eager loss function, model, batch, unit) for one row."""
     import torch
 
     from anymodal.core.backbone import Backbone
@@ -128,8 +128,7 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
             head = torch.nn.Linear(dim, 1000)
             model = torch.nn.ModuleDict({"backbone": backbone, "head": head}).to(device)
             forward = lambda x: head(backbone.embed({"image": x}))  # noqa: E731
-        return _compiled(row, model, lambda: torch.nn.functional.cross_entropy(forward(images), labels)), \
-            list(model.parameters()), batch, "img/s"
+        return lambda: torch.nn.functional.cross_entropy(forward(images), labels), model, batch, "img/s"
 
     if row["work"] == "mae":
         side = geometry
@@ -139,7 +138,7 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
             from peer import TimmMae
 
             model = TimmMae(dim, depth, heads, side, 16, ddim, ddepth, dheads).to(device)
-            return _compiled(row, model, lambda: model(images)), list(model.parameters()), batch, "img/s"
+            return lambda: model(images), model, batch, "img/s"
         from anymodal.core.masking import RandomMasker
         from anymodal.core.objective import Batch
         from anymodal.objectives.masked_pixel import MaskedPixel
@@ -152,7 +151,7 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
         def mae_loss() -> Any:
             tokens = backbone.tokenize({"image": images})
             return objective(Batch({"image": images}, tokens, masker(tokens, gen), gen), backbone).loss
-        return _compiled(row, model, mae_loss), list(model.parameters()), batch, "img/s"
+        return mae_loss, model, batch, "img/s"
 
     # video: masked-input contrastive step
     from anymodal.core.masking import RandomMasker
@@ -174,7 +173,7 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
         index = None if masker is None else masker(tokens, gen).visible
         pooled = backbone.pool(backbone.encode(tokens, index))
         return info_nce(torch.nn.functional.normalize(proj(pooled), dim=-1), captions, torch.tensor(1 / 0.07))
-    return _compiled(row, model, video_loss), list(model.parameters()), batch, "clip/s"
+    return video_loss, model, batch, "clip/s"
 
 
 def _compiled(row: dict[str, Any], model: Any, loss_fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -183,9 +182,9 @@ def _compiled(row: dict[str, Any], model: Any, loss_fn: Callable[[], Any]) -> Ca
     from anymodal.core.device import compile_blocks
 
     mode = row.get("compile")
-    if mode == "blocks":  # what run.compile=true does in the trainer
+    if mode == "blocks":  # what run.compile=blocks does in the trainer
         compile_blocks(model)
-    elif mode == "full":  # the whole loss function as one graph (a peer user's torch.compile(model))
+    elif mode == "full":  # the whole step as one graph (a peer user's torch.compile(model); run.compile=objectives)
         return torch.compile(loss_fn)
     return loss_fn
 
@@ -203,7 +202,8 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
         from anymodal.core.attention import check_backend
 
         check_backend("xformers")  # ImportError -> the row is reported as skipped
-    loss_fn, params, batch, unit = build_step(row, device, dev)
+    loss_fn, model, batch, unit = build_step(row, device, dev)
+    params = list(model.parameters())
     # fused AdamW on CUDA unless the row turns it off; off means the per-parameter loop
     if row.get("fused", True) is False:
         opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
@@ -220,14 +220,13 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
         opt.step()
 
     base_rss = _peak_rss_bytes()
-    flops = 0
-    if row.get("compile") is None:  # counted eagerly; a compiled row does the same arithmetic
-        with FlopCounterMode(display=False) as counter:
-            with autocast, sdpa_kernels(row.get("sdpa", "auto")):
-                loss = loss_fn()
-            loss.backward()
-        flops = counter.get_total_flops()
-        opt.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:  # counted eagerly: compiling keeps the arithmetic
+        with autocast, sdpa_kernels(row.get("sdpa", "auto")):
+            loss = loss_fn()
+        loss.backward()
+    flops = counter.get_total_flops()
+    opt.zero_grad(set_to_none=True)
+    loss_fn = _compiled(row, model, loss_fn)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()

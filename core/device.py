@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["resolve_device", "autocast_for", "sdpa_kernels", "SDPA_KERNELS", "compile_blocks"]
+__all__ = ["resolve_device", "autocast_for", "sdpa_kernels", "SDPA_KERNELS", "compile_blocks", "compile_for", "COMPILE_MODES"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,3 +67,21 @@ def compile_blocks(*modules: Optional[torch.nn.Module]) -> int:
                 m.compile()
                 count += 1
     return count
+
+
+# run.compile: "blocks" compiles each transformer block (quick to compile, robust to any objective);
+# "objectives" compiles each objective's whole forward (student encoding, decoder and loss in one
+# graph: the faster step on GPUs, a longer first step).
+COMPILE_MODES = ("none", "blocks", "objectives")
+
+
+def compile_for(mode: str, model: torch.nn.Module, objectives: torch.nn.ModuleDict,
+                teacher: Optional[torch.nn.Module]) -> None:
+    """Apply ``run.compile`` in place; parameter names do not change."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"run.compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "blocks":
+        compile_blocks(model, teacher)
+    elif mode == "objectives":
+        for objective in objectives.values():
+            objective.compile()

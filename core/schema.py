@@ -26,7 +26,7 @@ class RunConfig:
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
-    compile: bool = False  # torch.compile every transformer block (student, objectives, teacher)
+    compile: str = "none"  # none | blocks (each transformer block) | objectives (each objective's whole forward)
     sdpa_kernel: str = "auto"  # auto | flash | cudnn | efficient | math (see core.device.sdpa_kernels)
 
 

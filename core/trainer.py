@@ -27,7 +27,7 @@ from .backbone import Backbone
 from .build import build_backbone, build_dataset, build_masker, build_objectives, build_teacher, build_transforms
 from .checkpoint import load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state
 from .config import save_config
-from .device import autocast_for, compile_blocks, resolve_device, sdpa_kernels
+from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
 from .data import AugmentedDataset, make_loader, mix_seed
 from .monitor import OnlineMonitor
 from .objective import Batch
@@ -159,8 +159,7 @@ class Trainer:
         monitor = OnlineMonitor(cfg, self.components, self.device) if cfg.eval.monitor_every else None
         model = nn.ModuleDict({"backbone": self.backbone, "objectives": objectives})
         optimizer = build_optimizer(model, stage.optim, self.device)
-        if cfg.run.compile:
-            compile_blocks(model, teacher)
+        compile_for(cfg.run.compile, model, objectives, teacher)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         step = 0
         if state is not None:

@@ -48,11 +48,17 @@ def test_sdpa_kernel_choice_keeps_outputs_and_rejects_unknown_names():
     assert "cudnn" in SDPA_KERNELS
 
 
+def test_unknown_compile_mode_is_a_clear_error(tmp_path):
+    proc = anymodal("train", "tiny-test", "--run-dir", tmp_path / "run", "run.compile=fast", check=False)
+    assert proc.returncode != 0 and "run.compile must be one of none, blocks, objectives, got 'fast'" in proc.stderr
+
+
 @pytest.mark.timeout(600)
-def test_compiled_checkpointed_run_trains_and_writes_plain_parameter_names(tmp_path):
-    # torch.compile on every block, activation checkpointing and a pinned SDPA kernel, through the trainer
+@pytest.mark.parametrize("mode", ["blocks", "objectives"])
+def test_compiled_checkpointed_run_trains_and_writes_plain_parameter_names(tmp_path, mode):
+    # torch.compile, activation checkpointing and a pinned SDPA kernel, through the trainer
     fast = tmp_path / "fast"
-    anymodal("train", "tiny-test", "--run-dir", fast, "recipe.stages.pretrain.steps=4", "run.compile=true",
+    anymodal("train", "tiny-test", "--run-dir", fast, "recipe.stages.pretrain.steps=4", f"run.compile={mode}",
              "model.grad_checkpointing=true", "run.sdpa_kernel=math", timeout=600)
     plain = tmp_path / "plain"
     anymodal("train", "tiny-test", "--run-dir", plain, "recipe.stages.pretrain.steps=4")
