@@ -26,6 +26,8 @@ RECIPES = {
     "data2vec": ["recipe.stages.pretrain.steps={steps}"],
     "videoprism": ["recipe.stages.contrastive.steps={half}", "recipe.stages.distill.steps={half}"],
     "umt": ["recipe.stages.align.steps={half}", "recipe.stages.align_contrast.steps={half}"],
+    # UMT alignment alone: the student's steps; its teacher's 500 contrastive steps come first
+    "distill": ["recipe.stages.student.steps={steps}"],
 }
 
 

@@ -22,11 +22,12 @@ from omegaconf.errors import OmegaConfBaseException
 from .registry import closest, signature_errors
 from .schema import Config
 
-__all__ = ["ConfigError", "ComposedConfig", "compose", "validate", "save_config", "load_run_config", "PACKAGE_CONFIGS"]
+__all__ = ["ConfigError", "ComposedConfig", "compose", "validate", "save_config", "load_run_config", "PACKAGE_CONFIGS", "SCRATCH"]
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "modality", "recipe", "launcher")
 COMMAND_LINE = "command line"
+SCRATCH = "scratch"  # init_from: scratch restarts a stage from the run's initial random weights
 
 
 class ConfigError(ValueError):
@@ -281,10 +282,14 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         if teacher:
             errors += _component_errors(teacher, components.teacher, f"{prefix}.teacher", src(f"{prefix}.teacher"),
                                         ["student", "folder"])
-        for key, ref in (("init_from", resolved_stage["init_from"]), ("teacher.stage", (teacher or {}).get("stage"))):
+        init_from = resolved_stage["init_from"]
+        for key, ref in (("init_from", None if init_from == SCRATCH else init_from), ("teacher.stage", (teacher or {}).get("stage"))):
             if ref is not None and ref not in earlier:
                 errors.append(f"{prefix}.{key} (from {src(prefix + '.' + key)}) names stage {ref!r}, which is not an "
-                              f"earlier stage of this recipe (earlier: {', '.join(earlier) or 'none'})")
+                              f"earlier stage of this recipe (earlier: {', '.join(earlier) or 'none'}"
+                              + (f"; or {SCRATCH!r} for the initial random weights)" if key == "init_from" else ")"))
+        if stage_name == SCRATCH:
+            errors.append(f"{prefix}: {SCRATCH!r} is reserved for init_from (the initial random weights); rename the stage")
         earlier.append(stage_name)
         if resolved_stage["masker"]:
             errors += _component_errors(resolved_stage["masker"], components.masker, f"{prefix}.masker", src(f"{prefix}.masker"), [])

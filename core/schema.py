@@ -81,7 +81,7 @@ class StageConfig:
     objectives: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # label -> {name?, weight, kwargs}
     masker: Optional[Dict[str, Any]] = None
     teacher: Optional[Dict[str, Any]] = None  # {name: ema|stage|timm|<plugin's>, ...}
-    init_from: Optional[str] = None  # start from this earlier stage's final backbone (default: carry on)
+    init_from: Optional[str] = None  # an earlier stage's final backbone, or "scratch" (the run's initial random weights); default: carry on
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: Optional[int] = None  # overrides data.batch_size for this stage
 

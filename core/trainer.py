@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .backbone import Backbone
 from .build import build_backbone, build_dataset, build_masker, build_objectives, build_teacher, build_transforms
 from .checkpoint import load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state
-from .config import save_config
+from .config import SCRATCH, save_config
 from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
 from .data import AugmentedDataset, make_loader, mix_seed
 from .monitor import OnlineMonitor
@@ -140,10 +140,18 @@ class Trainer:
                 kept.append(rec)
         self.folder.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
+    def _initial_weights(self) -> dict[str, Any]:
+        """The backbone's weights at the start of the run (same seed, same construction)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.run.seed)
+            return build_backbone(self.cfg, self.components).to(self.device).state_dict()
+
     # ---- one stage --------------------------------------------------------------------------
     def _train_stage(self, index: int, name: str, stage: Any, state: Optional[dict[str, Any]]) -> None:
         cfg = self.cfg
-        if stage.init_from and state is None:
+        if stage.init_from == SCRATCH and state is None:
+            self.backbone.load_state_dict(self._initial_weights())
+        elif stage.init_from and state is None:
             path = self.folder.final(stage.init_from)
             load_model_state(self.backbone, load_checkpoint(path)["backbone"], f"stage {name} init_from {path}")
         teacher = build_teacher(stage, self.components, self.backbone, self.folder)

@@ -140,6 +140,38 @@ def test_init_from_restarts_from_an_earlier_stage(tmp_path):
         assert torch.equal(first[k], second[k]), k
 
 
+def test_init_from_scratch_restarts_from_the_initial_random_weights(tmp_path):
+    run = tmp_path / "run"
+    anymodal("train", "tiny-two-stage", "--run-dir", run, "recipe.stages.distill.steps=1",
+             "recipe.stages.distill.init_from=scratch", "recipe.stages.distill.optim.lr=0.0",
+             "recipe.stages.distill.optim.warmup_steps=0")
+    cfg = compose("tiny-two-stage").cfg
+    torch.manual_seed(cfg.run.seed)
+    initial = build_backbone(cfg, load_components()).state_dict()
+    first = load_checkpoint(run / "checkpoints" / "contrastive-final.pt")["backbone"]
+    second = load_checkpoint(run / "checkpoints" / "distill-final.pt")["backbone"]
+    assert any(not torch.equal(first[k], initial[k]) for k in first)  # stage 1 trained
+    for k in initial:
+        assert torch.equal(second[k], initial[k]), k
+
+
+def test_distill_recipe_trains_a_student_from_scratch_against_a_stage_teacher(tmp_path):
+    run = tmp_path / "run"
+    anymodal("train", "tiny-test", "--run-dir", run, "recipe=distill", "recipe.stages.*.steps=6")
+    stages = [s for s, _, _ in losses(run)]
+    assert stages == ["teacher"] * 6 + ["student"] * 6
+    student = [loss for s, _, loss in losses(run) if s == "student"]
+    assert all(0 <= v <= 4 for v in student)  # normalized MSE of unit vectors
+
+
+def test_scratch_is_not_a_stage_name(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("defaults:\n  model: cpu\n  modality: digits\nrecipe:\n  name: bad\n  stages:\n    scratch:\n"
+                      "      steps: 2\n      masker: {name: random}\n      objectives: {masked_pixel: {}}\n")
+    proc = anymodal("train", recipe, "--run-dir", tmp_path / "r", check=False)
+    assert proc.returncode == 2 and "'scratch' is reserved for init_from" in proc.stderr
+
+
 def test_init_from_unknown_stage_is_a_config_error(tmp_path):
     proc = anymodal("train", "tiny-two-stage", "--run-dir", tmp_path / "r", "recipe.stages.distill.init_from=contrastiv",
                     check=False)
