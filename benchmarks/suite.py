@@ -296,10 +296,16 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _selects(pattern: str, name: str) -> bool:
+    """An exact row name selects that row alone; any other text selects the rows containing it."""
+    exact = any(r["name"] == pattern for r in ROWS)
+    return name == pattern if exact else pattern in name
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true")
-    p.add_argument("--only", action="append", default=[], help="keep rows whose name contains this (repeatable)")
+    p.add_argument("--only", action="append", default=[], help="a row's exact name, or text that selects the rows containing it (repeatable)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--budget", type=float, default=3600.0, help="seconds; rows after it are skipped")
@@ -311,7 +317,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(json.loads(args.one), args.gpu, args.steps, args.warmup, args.ceiling)))
         return
-    rows = [r for r in ROWS if not args.only or any(s in r["name"] for s in args.only)]
+    rows = [r for r in ROWS if not args.only or any(_selects(s, r["name"]) for s in args.only)]
     results = run_rows(rows, args.gpu, args.steps, args.warmup, args.budget, args.json)
     print(format_table(results))
 
