@@ -31,7 +31,8 @@ class Backbone(nn.Module):
         key = self.tokenizer.input_key
         if key not in batch:
             raise KeyError(f"batch has no field {key!r} for the tokenizer; fields: {', '.join(sorted(batch))}")
-        return self.tokenizer(batch[key])
+        padding = batch.get(f"{key}_padding")  # ragged inputs (point clouds, waveforms): see core.data.collate
+        return self.tokenizer(batch[key]) if padding is None else self.tokenizer(batch[key], padding=padding)
 
     def encode(self, tokens: Tokens, index: Optional[Tensor] = None, layers: int = 0,
                posenc: Optional[nn.Module] = None) -> Encoded:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["collate", "AugmentedDataset", "StepBatchSampler", "make_loader", "mix_seed"]
+__all__ = ["collate", "pad_ragged", "AugmentedDataset", "StepBatchSampler", "make_loader", "mix_seed"]
 
 
 def mix_seed(*parts: int) -> int:
@@ -25,7 +25,12 @@ def mix_seed(*parts: int) -> int:
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of sample dicts: tensors stack, numbers become tensors, strings become lists."""
+    """Stack a list of sample dicts: tensors stack, numbers become tensors, strings become lists.
+
+    Tensors that differ only in their first dimension (point clouds ``[N, C]``, waveforms ``[T]``)
+    are variable-length sets: they are zero-padded along it, and ``<key>_padding`` ``[B, N]``
+    (True where a slot is padding) is added for the tokenizer.
+    """
     if not samples:
         raise ValueError("cannot collate an empty batch")
     out: dict[str, Any] = {}
@@ -34,15 +39,26 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         first = values[0]
         if isinstance(first, Tensor):
             shapes = {tuple(v.shape) for v in values}
-            if len(shapes) > 1:
+            if len(shapes) == 1:
+                out[key] = torch.stack(values)
+            elif first.dim() >= 1 and len({shape[1:] for shape in shapes}) == 1:
+                out[key], out[f"{key}_padding"] = pad_ragged(values)
+            else:
                 raise ValueError(f"samples of field {key!r} have different shapes {sorted(shapes)}; "
                                  "resize them in the dataset or use a tokenizer that takes ragged input")
-            out[key] = torch.stack(values)
         elif isinstance(first, bool) or not isinstance(first, (int, float)):
             out[key] = list(values)
         else:
             out[key] = torch.tensor(values)
     return out
+
+
+def pad_ragged(values: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Zero-pad tensors along their first dimension: ``(stacked [B, N, ...], padding [B, N])``."""
+    lengths = torch.tensor([v.shape[0] for v in values])
+    stacked = torch.nn.utils.rnn.pad_sequence(list(values), batch_first=True)
+    padding = torch.arange(stacked.shape[1])[None, :] >= lengths[:, None]
+    return stacked, padding
 
 
 class AugmentedDataset(Dataset):

@@ -31,7 +31,8 @@ class MaskedPixel(nn.Module):
         decoder_depth: decoder blocks.
         decoder_heads: decoder attention heads.
         posenc: decoder positional encoding (``sincos``, ``learned``, ``mlp``).
-        loss: ``mse`` or ``l1``.
+        loss: ``mse`` or ``l1``; a tokenizer with ``reconstruction_loss(pred, target)`` (point
+            groups compared by Chamfer distance) supplies its own instead.
         attn_backend: attention kernel of the decoder blocks.
     """
 
@@ -64,5 +65,9 @@ class MaskedPixel(nn.Module):
             raise ValueError("masked_pixel needs a masker in its stage (stage.masker)")
         pred = self.reconstruct(batch, student).float()
         target = gather_tokens(batch.tokens.targets, batch.mask.target).float()
-        loss = F.mse_loss(pred, target) if self.loss_kind == "mse" else F.l1_loss(pred, target)
+        own_loss = getattr(student.tokenizer, "reconstruction_loss", None)
+        if own_loss is not None:  # targets that are sets (point groups): the tokenizer's set distance
+            loss = own_loss(pred, target)
+        else:
+            loss = F.mse_loss(pred, target) if self.loss_kind == "mse" else F.l1_loss(pred, target)
         return ObjectiveOutput(loss, {"recon": loss.detach()})

@@ -170,3 +170,17 @@ def test_export_round_trip(reference_run):
         assert torch.equal(v, final[k]), k
     exported_cfg = (reference_run / "export" / "config.yaml").read_text()
     assert "image_patch" in exported_cfg
+
+
+def test_collate_pads_variable_length_sets_and_marks_the_padding():
+    from anymodal.core.data import collate
+
+    clouds = [torch.arange(12.0).reshape(4, 3), torch.ones(2, 3), torch.full((3, 3), 2.0)]
+    batch = collate([{"points": c, "label": i} for i, c in enumerate(clouds)])
+    assert batch["points"].shape == (3, 4, 3)
+    assert batch["points_padding"].tolist() == [[False] * 4, [False, False, True, True], [False, False, False, True]]
+    for i, c in enumerate(clouds):
+        assert torch.equal(batch["points"][i, :len(c)], c) and not batch["points"][i, len(c):].any()
+    # images of different sizes are a mistake, not a set
+    with pytest.raises(ValueError, match="different shapes"):
+        collate([{"image": torch.zeros(1, 4, 4)}, {"image": torch.zeros(1, 5, 4)}])
