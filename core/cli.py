@@ -167,9 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="pre-train the embedded default, then print the probe table")
     with_config(s, default="default")
     s.add_argument("--run-dir")
-    s.add_argument("--experiment", choices=["two-stage"],
+    s.add_argument("--experiment", choices=["two-stage", "two-stage-study"],
                    help="two-stage: the two-stage claim on moving-digit videos (contrastive only, MAE only, two-stage with "
-                        "and without token shuffling), probing appearance and motion")
+                        "and without token shuffling), probing appearance and motion; two-stage-study: one change at a "
+                        "time to the two-stage run (stage-2 targets, learning rate, mask ratio, tubelet size, length)")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("config", help="print the resolved config")

@@ -29,6 +29,21 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
                                             "recipe.stages.distill.objectives.masked_distill.shuffle=false"],
         },
     },
+    # why stage 2 did not add motion: one change at a time against the two-stage run above
+    "two-stage-study": {
+        "config": "default",
+        "common": ["modality=video", "data.batch_size=64", "eval.max_train=6000", "eval.max_test=2000",
+                   "recipe=videoprism", "recipe.stages.*.steps=400"],
+        "variants": {
+            "stage-2 targets: mean of the teacher's last 4 blocks, instance-normed":
+                ["recipe.stages.distill.objectives.masked_distill.target_layers=4",
+                 "recipe.stages.distill.objectives.masked_distill.target_norm=instance"],
+            "stage-2 learning rate 2e-4 (keeps more of stage 1)": ["recipe.stages.distill.optim.lr=2e-4"],
+            "stage-2 tube mask ratio 0.75 (was 0.9)": ["recipe.stages.distill.masker.ratio=0.75"],
+            "tubelets 1x8x8 (one frame per token, 128 tokens)": ["modality.tokenizer.tubelet=[1,8,8]"],
+            "stage 2 three times longer (400 + 1200 steps)": ["recipe.stages.distill.steps=1200"],
+        },
+    },
 }
 
 

@@ -19,3 +19,16 @@ def test_two_stage_experiment_table(tmp_path):
         assert {"linear_probe", "knn", "motion/linear_probe", "motion/knn"} <= set(trained)
     assert rows[0]["retrieval"] and not rows[1]["retrieval"]
     assert "linear probe (motion)" in proc.stdout and "| random init |" in proc.stdout
+
+
+def test_every_experiment_variant_is_a_valid_config():
+    from anymodal.core.config import compose, validate
+    from anymodal.core.experiment import EXPERIMENTS
+    from anymodal.plugins import load_components
+
+    components = load_components()
+    for name, spec in EXPERIMENTS.items():
+        for variant, overrides in spec["variants"].items():
+            composed = compose(spec["config"], [*spec["common"], *overrides])
+            validate(composed, components)  # raises ConfigError listing what is wrong
+    assert len(EXPERIMENTS["two-stage-study"]["variants"]) == 5
