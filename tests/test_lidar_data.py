@@ -127,6 +127,10 @@ def test_pcd_faults(tmp_path):
     _write_pcd(tmp_path / "noz.pcd", list("xy"), [4] * 2, ["F"] * 2, [1] * 2, cloud[:, :2], "ascii")
     with pytest.raises(CorruptFileError, match="lack x, y or z"):
         read_pcd(str(tmp_path / "noz.pcd"))
+    for kind in ("ascii", "binary"):
+        _write_pcd(tmp_path / "empty.pcd", list("xyz"), [4] * 3, ["F"] * 3, [1] * 3, data[:0], kind)
+        with pytest.raises(CorruptFileError, match=r"empty\.pcd.*empty point cloud"):
+            read_pcd(str(tmp_path / "empty.pcd"))
     nan = cloud[:, :3].copy()
     nan[3, 1] = np.nan
     _write_pcd(tmp_path / "nan.pcd", list("xyz"), [4] * 3, ["F"] * 3, [1] * 3, nan, "ascii")

@@ -137,7 +137,7 @@ def read_pcd(path: str, dtype: Any = np.float32) -> np.ndarray:
         if values.size != points * starts[-1]:
             raise CorruptFileError(path, f"ASCII PCD has {values.size} values, header declares {points} "
                                          f"points of {starts[-1]}")
-        return _checked(path, values.reshape(points, -1)[:, columns], dtype)
+        return _checked(path, values.reshape(points, int(starts[-1]))[:, columns], dtype)
     if kind == "binary":
         try:
             record = np.dtype([(f"f{i}", f"<{_PCD_TYPES[t.upper()]}{s}", (c,))
