@@ -15,7 +15,7 @@ from ...tokenizers.image import ImagePatchTokenizer
 from ...tokenizers.text import ByteTextTokenizer, ClipBpeTokenizer
 from ...tokenizers.video import TubeletTokenizer
 from .. import hookimpl
-from . import image_data, image_transforms, moving_digits, video_data
+from . import image_data, image_transforms, lidar_data, lidar_scenes, moving_digits, point_transforms, video_data
 
 
 @hookimpl
@@ -34,6 +34,10 @@ def register_datasets():
         "video_folder": video_data.VideoFileDataset,
         "frame_folder": video_data.FrameFolderDataset,
         "npy_video": video_data.NpyVideoDataset,
+        "point_folder": lidar_data.PointFolderDataset,
+        "aerial_tile": lidar_data.AerialTileDataset,
+        "shapes": lidar_scenes.ShapesDataset,
+        "lidar_sweeps": lidar_scenes.LidarSweepsDataset,
     }
 
 
@@ -45,6 +49,12 @@ def register_transforms():
         "resize": image_transforms.Resize,
         "normalize": image_transforms.Normalize,
         "random_translate": image_transforms.RandomTranslate,
+        "range_crop": point_transforms.RangeCrop,
+        "rotate_z": point_transforms.RotateZ,
+        "random_flip": point_transforms.RandomFlip,
+        "point_dropout": point_transforms.PointDropout,
+        "jitter": point_transforms.Jitter,
+        "subsample": point_transforms.Subsample,
     }
 
 
