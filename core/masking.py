@@ -181,11 +181,22 @@ class TubeMasker:
         return Mask(order[:, :n_vis], order[:, n_vis:n_vis + n_tgt])
 
 
+def _nearest_block(pos: Tensor, valid: Tensor, share: tuple[float, float], generator: torch.Generator) -> Tensor:
+    """Per sample, the ``share`` (drawn in the range) of real tokens nearest a random real seed token."""
+    b, n = valid.shape
+    size = (_uniform(*share, b, generator) * valid.sum(1)).round().clamp(min=1)
+    seed = (torch.rand(b, n, generator=generator) + _LAST * (~valid).float()).argmin(1)
+    dist = (pos - pos[torch.arange(b), seed].unsqueeze(1)).norm(dim=-1).masked_fill(~valid, float("inf"))
+    rank = dist.argsort(dim=1, stable=True).argsort(dim=1)
+    return rank < size.unsqueeze(1)
+
+
 class MultiBlockMasker:
     """I-JEPA / V-JEPA context and target blocks.
 
     Several target blocks are sampled; the context is one large block with the targets removed.
-    Blocks span the whole time axis of 3-D grids (V-JEPA). Counts are truncated to the batch's
+    Blocks span the whole time axis of 3-D grids (V-JEPA). On continuous positions (point groups,
+    Point-JEPA) a block is the share of tokens nearest a random seed token. Counts are truncated to the batch's
     smallest so shapes stay static.
 
     Args:
@@ -211,19 +222,33 @@ class MultiBlockMasker:
         lo, hi = _sample_boxes(grid, batch, self.context_scale, (1.0, 1.0), generator, span_leading=True)
         return _inside(pos, lo, hi) & ~target, target
 
+    def _draw_balls(self, pos: Tensor, valid: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        target = torch.zeros(pos.shape[:2], dtype=torch.bool)
+        for _ in range(self.num_targets):
+            target |= _nearest_block(pos, valid, self.target_scale, generator)
+        return _nearest_block(pos, valid, self.context_scale, generator) & ~target, target
+
     def __call__(self, tokens: Tokens, generator: torch.Generator) -> Mask:
-        grid = _grid_of(tokens)
-        pos, valid = tokens.pos.cpu().long(), tokens.valid().cpu()
-        context, target = self._draw(pos, grid, generator)
+        valid = tokens.valid().cpu()
+        if tokens.pos.is_floating_point() and tokens.grid is None:
+            # continuous positions (point groups): a block is the tokens nearest a random seed token
+            pos = tokens.pos.detach().cpu().float()
+            grid = None
+            draw = lambda: self._draw_balls(pos, valid, generator)  # noqa: E731
+        else:
+            grid = _grid_of(tokens)
+            pos = tokens.pos.cpu().long()
+            draw = lambda: self._draw(pos, grid, generator)  # noqa: E731
+        context, target = draw()
         for _ in range(self.max_tries):
             bad = ((context & valid).sum(1) < self.min_context) | ((target & valid).sum(1) == 0)
             if not bool(bad.any()):
                 break
-            c, t = self._draw(pos, grid, generator)
+            c, t = draw()
             context[bad], target[bad] = c[bad], t[bad]
         else:
             raise ValueError(f"multiblock masking found no context of {self.min_context}+ tokens in {self.max_tries} "
-                             f"tries on grid {grid}; lower target_scale or num_targets")
+                             f"tries on {'grid ' + str(grid) if grid else 'continuous positions'}; lower target_scale or num_targets")
         context &= valid
         target &= valid
         n_vis, n_tgt = int(context.sum(1).min()), int(target.sum(1).min())

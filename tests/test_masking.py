@@ -299,3 +299,26 @@ def test_maskers_need_integer_grid_or_grid_shape():
         with pytest.raises(ValueError):
             MASKERS[kind]()(tokens, gen(0))
     check_contract(tokens, RandomMasker(0.5)(tokens, gen(0)))  # random masking needs no grid
+
+
+def test_multiblock_on_continuous_positions_uses_nearest_neighbour_blocks():
+    # point groups have xyz positions and no grid: a block is the tokens nearest a seed token
+    g = torch.Generator().manual_seed(0)
+    pos = torch.rand(3, 64, 3, generator=g)
+    padding = torch.zeros(3, 64, dtype=torch.bool)
+    padding[2, 50:] = True
+    tokens = Tokens(x=torch.zeros(3, 64, 8), pos=pos, padding=padding)
+    mask = MultiBlockMasker(num_targets=1, target_scale=(0.2, 0.2), context_scale=(1.0, 1.0))(tokens, g)
+    for b in range(3):
+        vis, tgt = set(mask.visible[b].tolist()), set(mask.target[b].tolist())
+        assert not vis & tgt and not any(padding[b, i] for i in vis | tgt)
+    # one target block is a ball: every target is nearer to the block's centre than any real non-target
+    for b in range(2):
+        tgt = mask.target[b]
+        centre = pos[b, tgt].mean(0)
+        others = torch.tensor([i for i in range(64) if i not in set(tgt.tolist())])
+        radius = (pos[b, tgt] - pos[b, tgt][0]).norm(dim=-1)
+        assert radius.numel() == mask.target.shape[1]
+        spread_in = (pos[b, tgt] - centre).norm(dim=-1).mean()
+        spread_out = (pos[b, others] - centre).norm(dim=-1).mean()
+        assert spread_in < spread_out

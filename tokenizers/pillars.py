@@ -102,7 +102,8 @@ def _linear_max_pool(feats: Tensor, weight: Tensor, pillar: Tensor, num: int) ->
     out = feats.new_full((num, w.shape[1]), float("-inf"))
     for start in range(0, feats.shape[0], _POOL_CHUNK):
         h = feats[start:start + _POOL_CHUNK] @ w
-        out.scatter_reduce_(0, pillar[start:start + _POOL_CHUNK, None].expand_as(h), h, reduce="amax")
+        # out of place: autograd needs each step's result to route the max's gradient
+        out = out.scatter_reduce(0, pillar[start:start + _POOL_CHUNK, None].expand_as(h), h, reduce="amax")
     return out
 
 

@@ -12,6 +12,8 @@ from ...objectives.distill import MaskedDistill, UnmaskedTokenDistill
 from ...objectives.jepa import Jepa
 from ...objectives.masked_pixel import MaskedPixel
 from ...tokenizers.image import ImagePatchTokenizer
+from ...tokenizers.pillars import PillarTokenizer
+from ...tokenizers.points import PointPatchTokenizer
 from ...tokenizers.text import ByteTextTokenizer, ClipBpeTokenizer
 from ...tokenizers.video import TubeletTokenizer
 from .. import hookimpl
@@ -21,7 +23,7 @@ from . import image_data, image_transforms, lidar_data, lidar_scenes, moving_dig
 @hookimpl
 def register_tokenizers():
     return {"image_patch": ImagePatchTokenizer, "tubelet": TubeletTokenizer, "byte_text": ByteTextTokenizer,
-            "clip_bpe": ClipBpeTokenizer}
+            "clip_bpe": ClipBpeTokenizer, "point_patch": PointPatchTokenizer, "pillar": PillarTokenizer}
 
 
 @hookimpl
