@@ -1,4 +1,4 @@
-"""The ``anymodal`` command line: train, eval, demo, config, plugins, export."""
+"""The ``anymodal`` command line: train, eval, demo, config, plugins, plugin new, doctor, export."""
 
 from __future__ import annotations
 
@@ -121,9 +121,28 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     for kind, registry in components.registries.items():
         print(f"{kind}s:")
         for entry in registry:
-            print(f"  {entry.name:<24} from {entry.plugin}")
+            print(f"  {entry.name:<24} from {entry.plugin} ({components.versions[entry.plugin]})")
         if not len(registry):
             print("  (none)")
+    return 0
+
+
+def _cmd_plugin_new(args: argparse.Namespace) -> int:
+    from .scaffold import new_plugin
+
+    try:
+        root = new_plugin(args.name, Path(args.dir))
+    except ValueError as e:
+        print(f"anymodal plugin new: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {root}\nnext: pip install -e {root} && python -m pytest -q {root / 'tests'}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor_report
+
+    print(doctor_report())
     return 0
 
 
@@ -181,6 +200,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="also load the plugins this config names")
     s.add_argument("--plugin", action="append", help="also load this plugin module")
     s.set_defaults(func=_cmd_plugins)
+
+    s = sub.add_parser("plugin", help="plugin tools: `plugin new NAME` writes a plugin package skeleton")
+    plugin_sub = s.add_subparsers(dest="plugin_command", required=True)
+    s = plugin_sub.add_parser("new", help="write anymodal-NAME/: entry point, hooks, tokenizer, dataset, a passing test")
+    s.add_argument("name", help="the sensor's name, a lower-case identifier (e.g. sonar)")
+    s.add_argument("--dir", default=".", help="folder to write the package into (default: .)")
+    s.set_defaults(func=_cmd_plugin_new)
+
+    s = sub.add_parser("doctor", help="python, torch, CUDA, optional extras, plugins and the ones that failed to load")
+    s.set_defaults(func=_cmd_doctor)
 
     s = sub.add_parser("export", help="export a checkpoint's backbone to safetensors")
     s.add_argument("run_dir")

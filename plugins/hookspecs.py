@@ -9,6 +9,11 @@ Every ``register_*`` hook is called once when components are loaded, takes no ar
 returns a mapping of name to factory (or None). A factory is called with its config section as
 keyword arguments; a name registered twice is an error naming both plugins. None of these hooks is
 first-result or historic: every plugin's answer is collected.
+
+Versioning: this module is plugin API version ``API_VERSION``. A plugin states the version it
+targets as a module attribute ``ANYMODAL_API = 1``; a plugin targeting another version is refused
+at load with a `PluginError` saying both versions (no attribute: assumed current). A change that
+breaks a contract below bumps ``API_VERSION``; additions (a new optional hook or attribute) do not.
 """
 
 from __future__ import annotations
@@ -28,13 +33,41 @@ Factories = Optional[Mapping[str, Callable[..., Any]]]
 
 @hookspec
 def register_tokenizers() -> Factories:
-    """Tokenizers: raw batch tensor(s) -> ``Tokens``.
+    """Tokenizers: raw batch tensor(s) -> ``Tokens``. Called once at load time; not first-result.
 
-    Called once at load time. A factory receives the tokenizer's config section plus ``dim`` (the
-    encoder width) and returns an ``nn.Module`` whose ``forward(x) -> Tokens`` takes the collated
-    batch field named by its ``input_key`` attribute, and which has the attributes ``dim``,
-    ``pos_axes`` (k of ``Tokens.pos``) and ``grid_size`` (tuple or None); ``target_dim`` when it
-    gives reconstruction targets.
+    A factory receives the tokenizer's config section plus ``dim`` (the encoder width) and returns
+    an ``nn.Module`` with these attributes:
+
+    - ``input_key``: the collated batch field it reads;
+    - ``dim``: the encoder width it was given;
+    - ``pos_axes``: ``k``, the coordinates per token in ``Tokens.pos``;
+    - ``grid_size``: the token grid (tuple of ints) when tokens lie on a fixed integer grid, else None;
+    - ``target_dim`` (optional): ``P`` of ``Tokens.targets`` when it gives reconstruction targets
+      (``masked_pixel`` needs it).
+
+    ``forward(x, padding=None) -> Tokens``. When the collated batch has ``<input_key>_padding``
+    (`anymodal.core.data.collate` zero-pads variable-length sets such as point clouds along their
+    first dimension and adds that ``[B, N]`` bool field, True = padding), the backbone calls
+    ``tokenizer(batch[input_key], padding=...)``; fixed-shape inputs are passed alone. The result
+    must hold: ``x`` floating ``[B, N, dim]``; ``pos`` ``[B, N, pos_axes]``, integer grid
+    coordinates in ``[0, grid_size)`` when ``grid_size`` is set, else continuous (float, use
+    ``model.posenc=mlp``); ``padding`` None or bool ``[B, N]`` (True = no real token);
+    ``targets`` ``[B, N, target_dim]`` when ``target_dim`` exists.
+
+    Optional methods:
+
+    - ``reconstruction_loss(pred, target) -> scalar`` over ``[B, M, target_dim]``: used by
+      ``masked_pixel`` instead of its MSE/L1 (e.g. Chamfer distance between point groups);
+    - ``render(x, targets, keep) -> [B, C, H, W]`` maps per-token targets ``[B, N, P]`` back to a
+      picture (tokens where ``keep [B, N]`` is False drawn blank) and ``preview(x) -> [B, C, H, W]``
+      shows the input; with ``render`` the evaluation draws reconstructions (``tokenizers/image.py``).
+
+    Checked on load (API version 1): a factory from any plugin but the built-in one must have
+    ``example_input(batch_size)`` (a classmethod or static function) returning a sample batch:
+    a list of sample dicts (collated as the loader does, so ragged sets get their padding field)
+    or an already collated mapping. The tokenizer is built with ``dim`` and its own defaults, run
+    on ``example_input(2)``, and every broken rule above is reported in one `PluginError` naming
+    the plugin and the tokenizer.
 
     :return: mapping of tokenizer name to factory, or None.
     """
@@ -97,7 +130,8 @@ def register_teachers() -> Factories:
 
 @hookspec
 def configure(config: Any) -> Optional[Mapping[str, Any]]:
-    """Called after the config is composed and before it is validated.
+    """Called after the config is composed and before it is validated, once per command that reads
+    a config (train, config); every plugin's answer is collected (not first-result, not historic).
 
     :param config: the composed config (an OmegaConf DictConfig, read-only by convention).
     :return: a mapping of defaults to merge beneath the config (the config's own values win), or None.

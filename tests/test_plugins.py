@@ -160,7 +160,7 @@ def test_entry_point_plugin_listed_by_cli(plugin_site: Path) -> None:
     proc = _anymodal("plugins", env=_env(plugin_site))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert any(line.split()[:3] == ["every_other", "from", PLUGIN_NAME] for line in lines), proc.stdout
+    assert any(line.split() == ["every_other", "from", PLUGIN_NAME, "(anymodal-testplug", "0.1.0)"] for line in lines), proc.stdout
     assert any(line.split()[:3] == ["invert", "from", PLUGIN_NAME] for line in lines), proc.stdout
     assert any(line.split()[:3] == [PLUGIN_NAME, "entry", "point"] and PLUGIN_PACKAGE in line for line in lines), proc.stdout
 
@@ -171,6 +171,8 @@ def test_entry_point_plugin_loaded_in_process(installed: Path) -> None:
     assert components.transform.entry("invert").plugin == PLUGIN_NAME
     assert PLUGIN_NAME in components.plugins
     assert components.plugins[PLUGIN_NAME].startswith(f"entry point {PLUGIN_PACKAGE} (anymodal-testplug 0.1.0")
+    assert components.versions[PLUGIN_NAME] == "anymodal-testplug 0.1.0"
+    assert components.versions["builtin"] == "anymodal 0.1.0"
     masker = components.masker.build("every_other")
     tokens = Tokens(x=torch.zeros(2, 5, 3), pos=torch.zeros(2, 5, 1, dtype=torch.long),
                     padding=torch.tensor([[False] * 5, [False] * 4 + [True]]))
@@ -215,6 +217,27 @@ def test_entry_point_to_missing_module(broken_installed: Path) -> None:
     assert "ModuleNotFoundError" in msg
     # turning autoload off is the way around a broken installed plugin
     assert "random" in load_components(autoload=False).masker
+
+
+def test_skip_broken_records_the_failure(broken_installed: Path) -> None:
+    components = load_components(skip_broken=True)
+    assert "brokenplug" not in components.plugins and "random" in components.masker
+    assert "ModuleNotFoundError" in components.failed["brokenplug"] and "anymodal_no_such_module" in components.failed["brokenplug"]
+
+
+def test_doctor_reports_environment_and_failed_entry_point(plugin_site: Path, broken_site: Path, tmp_path: Path) -> None:
+    env = _env(plugin_site)
+    env["PYTHONPATH"] = os.pathsep.join([str(broken_site), env["PYTHONPATH"]])
+    proc = _anymodal("doctor", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"torch {torch.__version__}" in out and "cuda:" in out and "optional extras:" in out
+    for extra in ("timm", "av", "laspy", "xformers", "torchaudio", "tensorboard", "submitit", "open_clip vocab"):
+        assert any(line.split()[:1] == extra.split()[:1] and ("present" in line or "missing" in line)
+                   for line in out.splitlines()), (extra, out)
+    assert any(line.split()[:2] == [PLUGIN_NAME, "entry"] and "anymodal-testplug 0.1.0" in line for line in out.splitlines()), out
+    failed = out.split("entry points that failed to load:")[1]
+    assert "brokenplug" in failed and "ModuleNotFoundError" in failed and "anymodal_no_such_module" in failed
 
 
 # ---- modules named in the config's plugins: list -------------------------------------------------
@@ -277,7 +300,8 @@ def test_config_plugins_list_reaches_cli(make_module: Callable[[str, str], str],
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p))
     proc = _anymodal("plugins", str(config), env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert any(line.split() == ["keep", "from", "mymod_cli"] for line in proc.stdout.splitlines()), proc.stdout
+    assert any(line.split() == ["keep", "from", "mymod_cli", "(module", "mymod_cli,", "no", "version)"]
+               for line in proc.stdout.splitlines()), proc.stdout
 
 
 # ---- a broken plugin is a PluginError that names it ----------------------------------------------
@@ -453,4 +477,112 @@ def test_cli_lists_builtin_kinds(tmp_path: Path) -> None:
     for kind in KINDS.values():
         assert f"{kind}s:" in lines, proc.stdout
     for name in ("image_patch", "digits", "random_resized_crop", "random", "masked_pixel"):
-        assert any(line.split() == [name, "from", "builtin"] for line in lines), proc.stdout
+        assert any(line.split() == [name, "from", "builtin", "(anymodal", "0.1.0)"] for line in lines), proc.stdout
+    assert any(line.split() == ["builtin", "built", "in", "(anymodal", "0.1.0)"] for line in lines), proc.stdout
+
+
+# ---- a plugin's tokenizer is checked on load against the register_tokenizers contract ------------
+
+TOKENIZER_MODULE = """
+    import torch
+    from torch import nn
+
+    from anymodal.core.tokens import Tokens
+    from anymodal.plugins import hookimpl
+
+
+    class Sets(nn.Module):
+        \"\"\"Ragged sets [B, N, 3] -> one token per element; positions are the first two channels.\"\"\"
+        pos_axes = 2
+        grid_size = None
+        target_dim = 3
+
+        def __init__(self, dim, input_key="blips"):
+            super().__init__()
+            self.dim, self.input_key = dim, input_key
+            self.embed = nn.Linear(3, dim)
+
+        @classmethod
+        def example_input(cls, batch_size):
+            return [{"blips": torch.rand(4 + i, 3)} for i in range(batch_size)]
+
+        def forward(self, x, padding=None):
+            return Tokens(x=self.embed(x), pos=x[..., :2], padding=padding, targets=x)
+    {broken}
+
+    @hookimpl
+    def register_tokenizers():
+        return {"sets": Sets}
+"""
+
+
+def _tokenizer_plugin(make_module: Callable[[str, str], str], name: str, broken: str = "") -> str:
+    return make_module(name, TOKENIZER_MODULE.replace("{broken}", textwrap.indent(textwrap.dedent(broken), " " * 4)))
+
+
+def test_tokenizer_keeping_the_contract_loads(make_module: Callable[[str, str], str]) -> None:
+    name = _tokenizer_plugin(make_module, "goodtok")
+    assert load_components([name], autoload=False).tokenizer.entry("sets").plugin == "goodtok"
+
+
+def test_tokenizer_contract_violations_listed(make_module: Callable[[str, str], str]) -> None:
+    name = _tokenizer_plugin(make_module, "badtok", """
+        Sets.pos_axes = 3  # claims 3 position axes, gives 2
+
+        def _forward(self, x, padding=None):  # float padding, no targets
+            return Tokens(x=self.embed(x), pos=x[..., :2], padding=None if padding is None else padding.float().bool(),
+                          targets=None)
+
+        Sets.forward = _forward
+    """)
+    with pytest.raises(PluginError) as info:
+        load_components([name], autoload=False)
+    msg = str(info.value)
+    assert msg.startswith("plugin 'badtok': tokenizer 'sets' breaks the tokenizer contract"), msg
+    assert "Tokens.pos has shape (2, 5, 2), expected [B, N, pos_axes=3]" in msg
+    assert "Tokens.targets is None, expected [B, N, target_dim] = (2, 5, 3)" in msg
+
+
+def test_tokenizer_wrong_width_and_dtype(make_module: Callable[[str, str], str]) -> None:
+    name = _tokenizer_plugin(make_module, "widetok", """
+        def _forward(self, x, padding=None):
+            return Tokens(x=torch.cat([self.embed(x)] * 2, -1), pos=x[..., :2], padding=padding, targets=x)
+
+        Sets.forward = _forward
+    """)
+    with pytest.raises(PluginError, match=r"plugin 'widetok': .*Tokens.x has shape \(2, 5, 32\), expected \[B=2, N, dim=16\]"):
+        load_components([name], autoload=False)
+
+
+def test_tokenizer_without_padding_argument(make_module: Callable[[str, str], str]) -> None:
+    name = _tokenizer_plugin(make_module, "nopadtok", """
+        def _forward(self, x):
+            return Tokens(x=self.embed(x), pos=x[..., :2], targets=x)
+
+        Sets.forward = _forward
+    """)
+    with pytest.raises(PluginError, match=r"plugin 'nopadtok': tokenizer 'sets' .*tokenizer\(x, padding=\.\.\.\) on "
+                                          r"example_input\(2\) raised TypeError"):
+        load_components([name], autoload=False)
+
+
+def test_tokenizer_grid_positions_out_of_range(make_module: Callable[[str, str], str]) -> None:
+    name = _tokenizer_plugin(make_module, "gridtok", """
+        Sets.grid_size = (2, 2)
+
+        def _forward(self, x, padding=None):
+            pos = torch.full(x.shape[:2] + (2,), 5, dtype=torch.long)
+            return Tokens(x=self.embed(x), pos=pos, padding=padding, targets=x)
+
+        Sets.forward = _forward
+    """)
+    with pytest.raises(PluginError, match=r"plugin 'gridtok': .*Tokens.pos has coordinates outside grid_size \(2, 2\)"):
+        load_components([name], autoload=False)
+
+
+def test_tokenizer_without_example_input(make_module: Callable[[str, str], str]) -> None:
+    name = _tokenizer_plugin(make_module, "noexample", "\ndel Sets.example_input\n")
+    with pytest.raises(PluginError, match=r"plugin 'noexample': tokenizer 'sets' .*no example_input\(batch_size\)"):
+        load_components([name], autoload=False)
+    # nothing of a refused plugin stays behind
+    assert "sets" not in load_components(autoload=False).tokenizer
