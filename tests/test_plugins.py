@@ -586,3 +586,27 @@ def test_tokenizer_without_example_input(make_module: Callable[[str, str], str])
         load_components([name], autoload=False)
     # nothing of a refused plugin stays behind
     assert "sets" not in load_components(autoload=False).tokenizer
+
+
+@pytest.mark.parametrize("broken, expected", [
+    ("\ndef _bad_init(self, dim, channels):\n    raise AssertionError\n\nSets.__init__ = _bad_init\n",
+     "building it as factory(dim=16) raised TypeError"),
+    ("\ndel Sets.pos_axes\n", "it has no attribute 'pos_axes'"),
+    ("\nSets.grid_size = [4]\n", "grid_size is [4]; expected a tuple of positive ints or None"),
+    ("\nSets.example_input = classmethod(lambda cls, n: 1 / 0)\n", "example_input(2) raised ZeroDivisionError"),
+    ("\nSets.example_input = classmethod(lambda cls, n: {'other': torch.zeros(n, 3, 3)})\n",
+     "example_input gave a batch without its input_key 'blips' (fields: other)"),
+    ("\nSets.forward = lambda self, x, padding=None: x\n", "forward returned Tensor, expected anymodal.core.tokens.Tokens"),
+    ("\nSets.forward = lambda self, x, padding=None: Tokens(x=self.embed(x) * float('nan'), pos=x[..., :2], targets=x)\n",
+     "Tokens.x has NaN or infinite values"),
+    ("\nSets.forward = lambda self, x, padding=None: Tokens(x=self.embed(x).detach(), pos=x[..., :2], targets=x)\n",
+     "Tokens.x does not depend on the tokenizer's parameters"),
+    ("\nSets.reconstruction_loss = lambda self, pred, target: (pred - target).abs()\n",
+     "reconstruction_loss returned torch.Size([2, 5, 3]), expected a scalar tensor"),
+])
+def test_tokenizer_contract_each_rule(make_module: Callable[[str, str], str], broken: str, expected: str) -> None:
+    name = _tokenizer_plugin(make_module, f"rule{abs(hash(expected)) % 10**8}", broken)
+    with pytest.raises(PluginError) as info:
+        load_components([name], autoload=False)
+    assert f"plugin {name!r}: tokenizer 'sets' breaks the tokenizer contract" in str(info.value)
+    assert expected in str(info.value), str(info.value)
