@@ -75,9 +75,12 @@ def register_tokenizers() -> Factories:
 
 @hookspec
 def register_datasets() -> Factories:
-    """Datasets: a factory receives its config section plus ``split`` (``"train"`` or ``"test"``)
+    """Datasets. Called once at load time; not first-result.
+
+    A factory receives its config section plus ``split`` (``"train"`` or ``"test"``)
     and returns a ``torch.utils.data.Dataset`` whose items are sample dicts
-    ``{<modality key>: tensor, "label"?: int, "text"?: str}``. Datasets that draw random numbers
+    ``{<modality key>: tensor, "label"?: int, "text"?: str}``: ``label`` (and any field named in
+    ``eval.labels``) feeds the probes, ``text`` the captions of ``contrastive`` with ``pair: text``. Datasets that draw random numbers
     take them from the ``torch.Generator`` passed as ``dataset.sample(index, generator)`` if they
     define ``sample``; this is what makes resumed runs exact.
 
@@ -87,7 +90,9 @@ def register_datasets() -> Factories:
 
 @hookspec
 def register_transforms() -> Factories:
-    """Transforms: a factory receives its config section and returns a callable
+    """Transforms. Called once at load time; not first-result.
+
+    A factory receives its config section and returns a callable
     ``(tensor, generator) -> tensor`` applied to one sample's modality tensor.
 
     :return: mapping of transform name to factory, or None.
@@ -96,7 +101,9 @@ def register_transforms() -> Factories:
 
 @hookspec
 def register_maskers() -> Factories:
-    """Maskers: a factory receives its config section and returns a callable
+    """Maskers. Called once at load time; not first-result.
+
+    A factory receives its config section and returns a callable
     ``(tokens, generator) -> Mask`` (see ``anymodal.core.masking``).
 
     :return: mapping of masker name to factory, or None.
@@ -105,10 +112,14 @@ def register_maskers() -> Factories:
 
 @hookspec
 def register_objectives() -> Factories:
-    """Objectives: a factory receives its config section plus ``dim`` (encoder width),
+    """Objectives. Called once at load time; not first-result.
+
+    A factory receives its config section plus ``dim`` (encoder width),
     ``tokenizer`` (the student's) and, if it has a ``teacher_dim`` parameter, the stage teacher's
     width. It returns an ``nn.Module`` with ``forward(batch, student, teacher=None) ->
-    ObjectiveOutput``. Class attributes ``needs_mask`` / ``needs_teacher`` (default False) make a
+    ObjectiveOutput`` (``anymodal.core.objective``: ``batch.raw`` the collated samples,
+    ``batch.tokens`` the student's tokens, ``batch.mask`` the stage masker's choice or None;
+    ``ObjectiveOutput(loss, metrics)``). Class attributes ``needs_mask`` / ``needs_teacher`` (default False) make a
     stage without a masker / teacher an error at build time.
 
     :return: mapping of objective name to factory, or None.
@@ -117,7 +128,9 @@ def register_objectives() -> Factories:
 
 @hookspec
 def register_teachers() -> Factories:
-    """Teachers: a factory receives its config section plus ``student`` (the student `Backbone`)
+    """Teachers. Called once at load time; not first-result.
+
+    A factory receives its config section plus ``student`` (the student `Backbone`)
     and, if it has a ``folder`` parameter, the run folder (`RunFolder`, for earlier stages'
     checkpoints). It returns an ``nn.Module`` called as ``teacher(batch, layers=0) -> Encoded``
     over the student's full token set, used under ``no_grad`` by objectives that ask for one. A
