@@ -194,7 +194,7 @@ def test_trains(tmp_path):
 _README = '''\
 # anymodal-$name
 
-The $name sensor for [anymodal](https://github.com/): a tokenizer (`${name}_chunks`) and a
+The $name sensor for anymodal: a tokenizer (`${name}_chunks`) and a
 generated dataset (`${name}_signals`), registered through the `anymodal` entry point.
 
 ```bash

@@ -193,7 +193,8 @@ def load_components(modules: Iterable[str] = (), autoload: bool | None = None, s
             _add_plugin(comps, ep.name, lambda: _load_entry_point(ep), f"entry point {ep.value} ({version})", version)
         except PluginError as e:
             if not skip_broken:
-                raise
+                raise PluginError(f"{e} [installed package {dist}: fix or uninstall it, or set {DISABLE_AUTOLOAD_ENV}=1 "
+                                  f"to load no entry-point plugins; `anymodal doctor` lists every broken one]") from e
             comps.failed[ep.name] = str(e)
     for module in modules:
         _add_plugin(comps, module, lambda: _import(module, module), f"config module {module}",

@@ -610,3 +610,10 @@ def test_tokenizer_contract_each_rule(make_module: Callable[[str, str], str], br
         load_components([name], autoload=False)
     assert f"plugin {name!r}: tokenizer 'sets' breaks the tokenizer contract" in str(info.value)
     assert expected in str(info.value), str(info.value)
+
+
+def test_cli_names_the_broken_package_and_the_way_around(broken_site: Path, tmp_path: Path) -> None:
+    proc = _anymodal("plugins", env=_env(broken_site), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "installed package anymodal-brokenplug" in proc.stderr and f"{DISABLE_AUTOLOAD_ENV}=1" in proc.stderr
+    assert "anymodal doctor" in proc.stderr
