@@ -10,7 +10,10 @@ file, ``a.b.c=value`` sets a key (values parse as YAML). Every key is checked ag
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
 import inspect
+import os
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -174,6 +177,27 @@ def _check_no_new_stages(data: Mapping, cfg: DictConfig, source: str, recipe_fil
                                f"stages: {', '.join(known)}"])
 
 
+def plugin_config_dirs() -> list[Path]:
+    """The ``configs/`` folders that installed plugins ship beside their module, searched for group
+    files after the packaged ones: a sensor package's ``configs/modality/radar.yaml`` makes
+    ``modality=radar`` work. Found without importing the plugins; none when autoload is disabled."""
+    from ..plugins.manager import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP
+
+    if os.environ.get(DISABLE_AUTOLOAD_ENV):
+        return []
+    found = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            spec = importlib.util.find_spec(ep.value.split(":")[0].strip())
+        except (ImportError, ValueError):  # a broken plugin: `anymodal doctor` reports it
+            continue
+        if spec is not None and spec.origin:
+            folder = Path(spec.origin).parent / "configs"
+            if folder.is_dir():
+                found.append(folder)
+    return found
+
+
 def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
     """Compose ``file`` with its defaults and ``overrides`` into a validated-structure config.
 
@@ -182,7 +206,7 @@ def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
             a value of the wrong type, or a malformed override.
     """
     path = _resolve_file(file, None, [PACKAGE_CONFIGS])
-    search = [path.parent, PACKAGE_CONFIGS]
+    search = [path.parent, PACKAGE_CONFIGS, *plugin_config_dirs()]
     main = _read_yaml(path)
     defaults = dict(main.pop("defaults", {}) or {})
     overrides = [_parse_override(o) for o in overrides]

@@ -55,11 +55,10 @@ def test_radar_components_listed_with_version(radar_site: Path, tmp_path: Path) 
 
 
 def test_radar_two_stage_then_eval(radar_site: Path, tmp_path: Path) -> None:
-    # this repository's own tiny two-stage config; the modality file shipped in the plugin, by path
-    # (its own radar.yaml, which names modality: radar, runs in the example's test)
-    modality = radar_site / "anymodal_radar" / "configs" / "modality" / "radar.yaml"
+    # this repository's own tiny two-stage config with the modality file the installed plugin
+    # ships, chosen by name: one key changes the sensor
     run = tmp_path / "run"
-    proc = _anymodal("train", "tiny-two-stage", f"modality={modality}", "recipe=videoprism", "recipe.stages.*.steps=4",
+    proc = _anymodal("train", "tiny-two-stage", "modality=radar", "recipe=videoprism", "recipe.stages.*.steps=4",
                      "--run-dir", str(run), env=_env(radar_site), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
