@@ -295,10 +295,12 @@ def test_multiblock_impossible_config_raises():
 
 def test_maskers_need_integer_grid_or_grid_shape():
     tokens = Tokens(x=torch.zeros(2, 10, 4), pos=torch.rand(2, 10, 3))
-    for kind in ("block", "tube", "multiblock"):
-        with pytest.raises(ValueError):
+    for kind in ("block", "tube"):
+        with pytest.raises(ValueError, match="needs integer grid positions"):
             MASKERS[kind]()(tokens, gen(0))
     check_contract(tokens, RandomMasker(0.5)(tokens, gen(0)))  # random masking needs no grid
+    # multiblock falls back to nearest-neighbour blocks (the next test)
+    check_contract(tokens, MultiBlockMasker(num_targets=1, min_context=2)(tokens, gen(0)))
 
 
 def test_multiblock_on_continuous_positions_uses_nearest_neighbour_blocks():
