@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
-from .point_ops import chamfer_distance, check_points
+from .point_ops import CHAMFER_LOSSES, chamfer_distance, check_points
 
 __all__ = ["PillarTokenizer", "PillarAssignment", "assign_pillars", "scatter_pool"]
 
-_LOSSES = {"chamfer_l2": "l2", "chamfer_l1": "l1"}
 _POOL_CHUNK = 4096
 
 
@@ -173,8 +172,8 @@ class PillarTokenizer(nn.Module):
             raise ValueError(f"pillar_size {pillar_size!r} does not divide the range {point_range!r} into whole cells")
         if max_points < 1 or channels < 3:
             raise ValueError(f"pillar needs max_points >= 1 and channels >= 3, got {max_points} and {channels}")
-        if loss not in _LOSSES:
-            raise ValueError(f"pillar loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+        if loss not in CHAMFER_LOSSES:
+            raise ValueError(f"pillar loss must be one of {sorted(CHAMFER_LOSSES)}, got {loss!r}")
         self.grid_size = (int(round(extent[0])), int(round(extent[1])))
         self.dim, self.max_points, self.channels = dim, max_points, channels
         self.loss, self.input_key = loss, input_key
@@ -242,4 +241,4 @@ class PillarTokenizer(nn.Module):
         k = self.max_points
         pred = pred.reshape(*pred.shape[:-1], k, 4)
         target = target.reshape(*target.shape[:-1], k, 4)
-        return chamfer_distance(pred[..., :3], target[..., :3], target[..., 3] > 0.5, kind=_LOSSES[self.loss])
+        return chamfer_distance(pred[..., :3], target[..., :3], target[..., 3] > 0.5, kind=CHAMFER_LOSSES[self.loss])

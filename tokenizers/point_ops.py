@@ -12,7 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["farthest_point_sample", "knn_group", "chamfer_distance", "gather_points", "check_points"]
+__all__ = ["farthest_point_sample", "knn_group", "chamfer_distance", "gather_points", "check_points", "CHAMFER_LOSSES"]
+
+# a tokenizer's `loss` option -> chamfer_distance's kind
+CHAMFER_LOSSES = {"chamfer_l2": "l2", "chamfer_l1": "l1"}
 
 #: FPS finds its argmax in two levels (block maxima, then within the block): on CPU ``amax`` is
 #: vectorized and ``argmax`` is not, so this is several times faster than one ``argmax`` per step.

@@ -16,11 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
-from .point_ops import chamfer_distance, check_points, farthest_point_sample, gather_points, knn_group
+from .point_ops import CHAMFER_LOSSES, chamfer_distance, check_points, farthest_point_sample, gather_points, knn_group
 
 __all__ = ["PointPatchTokenizer"]
 
-_LOSSES = {"chamfer_l2": "l2", "chamfer_l1": "l1"}
 
 
 class PointPatchTokenizer(nn.Module):
@@ -51,8 +50,8 @@ class PointPatchTokenizer(nn.Module):
         if groups < 1 or group_size < 1 or channels < 3:
             raise ValueError(f"point_patch needs groups >= 1, group_size >= 1 and channels >= 3, got "
                              f"groups={groups}, group_size={group_size}, channels={channels}")
-        if loss not in _LOSSES:
-            raise ValueError(f"point_patch loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+        if loss not in CHAMFER_LOSSES:
+            raise ValueError(f"point_patch loss must be one of {sorted(CHAMFER_LOSSES)}, got {loss!r}")
         if len(widths) != 3:
             raise ValueError(f"point_patch widths must be three integers, got {widths!r}")
         h1, h2, h3 = (int(w) for w in widths)
@@ -85,4 +84,4 @@ class PointPatchTokenizer(nn.Module):
         """Chamfer distance between predicted and true groups, both ``[B, M, K*3]``."""
         k = self.group_size
         return chamfer_distance(pred.reshape(*pred.shape[:-1], k, 3), target.reshape(*target.shape[:-1], k, 3),
-                                kind=_LOSSES[self.loss])
+                                kind=CHAMFER_LOSSES[self.loss])
