@@ -1,4 +1,4 @@
-"""The ``anymodal`` command line: train, eval, demo, config, plugins, plugin new, doctor, export."""
+"""The ``anymodal`` command line: train, submit, eval, demo, config, plugins, plugin new, doctor, export."""
 
 from __future__ import annotations
 
@@ -41,13 +41,23 @@ def _log_to(folder: Path) -> None:
 def train(config: str, overrides: Sequence[str], run_dir: Optional[str] = None, resume: bool = False) -> Path:
     from .trainer import Trainer
 
+    from .device import resolve_device
+    from .distributed import init_from_env, rank, shutdown
+
     composed, components = _setup(config, overrides)
     cfg = composed.cfg
     folder = Path(run_dir) if run_dir else Path(cfg.run.out_dir) / cfg.run.name
-    folder.mkdir(parents=True, exist_ok=True)
-    _log_to(folder)
-    log.info("run folder %s; config from %s", folder, ", ".join(composed.files))
-    Trainer(cfg, components, folder, resume=resume).run()
+    # under torchrun or a multi-task Slurm job: join the process group the environment describes
+    created = init_from_env(resolve_device(cfg.run.device).type)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if rank() == 0:
+            _log_to(folder)
+        log.info("run folder %s; config from %s", folder, ", ".join(composed.files))
+        Trainer(cfg, components, folder, resume=resume).run()
+    finally:
+        if created:
+            shutdown()
     return folder
 
 
@@ -101,6 +111,29 @@ def _experiment(args: argparse.Namespace) -> int:
     table = format_rows(rows, fields)
     (out / "table.md").write_text(table + "\n")
     print(f"\n{table}\n\ntotal {time.perf_counter() - start:.0f} s; run folders under {out}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .submit import submit
+
+    try:
+        submitted = submit(args.config, args.overrides, args.sweep or (), args.run_dir, args.resume)
+    except (ValueError, RuntimeError) as e:
+        print(f"anymodal submit: error: {e}", file=sys.stderr)
+        return 2
+    for job, folder in submitted:
+        print(f"submitted job {job.job_id}: run folder {folder}; stdout {job.paths.stdout}; stderr {job.paths.stderr}")
+    if args.wait:
+        failed = 0
+        for job, folder in submitted:
+            try:
+                job.result()
+                print(f"job {job.job_id} finished: {folder}")
+            except Exception as e:  # submitit re-raises the job's error with its traceback
+                failed += 1
+                print(f"job {job.job_id} failed: {e}", file=sys.stderr)
+        return 1 if failed else 0
     return 0
 
 
@@ -177,6 +210,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="run folder (default: run.out_dir/run.name)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("submit", help="run a config's recipe as a Slurm job (through submitit); --sweep makes a job array")
+    with_config(s)
+    s.add_argument("--run-dir", help="run folder (default: run.out_dir/run.name); a sweep's runs go in sub-folders")
+    s.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
+                   help="one job per value (several --sweep: every combination), as one job array")
+    s.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+    s.add_argument("--wait", action="store_true", help="wait for the jobs and report how they ended")
+    s.set_defaults(func=_cmd_submit)
 
     s = sub.add_parser("eval", help="linear probe and k-NN of a run's backbone next to random init")
     s.add_argument("run_dir")

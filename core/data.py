@@ -106,12 +106,20 @@ class AugmentedDataset(Dataset):
 class StepBatchSampler(Sampler):
     """Endless batches of ``(index, epoch)``: each epoch a seeded permutation cut into full
     batches (the remainder is dropped), starting at global batch number ``start_step``.
+
+    Under torch.distributed each rank takes its share ``[rank::world]`` of every global batch, so
+    the ranks together see exactly the batches one process would, and resume stays exact.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
         if num_samples < batch_size:
             raise ValueError(f"dataset has {num_samples} samples, fewer than one batch of {batch_size}")
+        if batch_size % world:
+            raise ValueError(f"the batch size ({batch_size}) is the global batch: it must divide evenly over "
+                             f"{world} processes")
         self.num_samples, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
+        self.rank, self.world = rank, world
         self.batches_per_epoch = num_samples // batch_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -120,17 +128,18 @@ class StepBatchSampler(Sampler):
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
             order = torch.randperm(self.num_samples, generator=g).tolist()
             for b in range(offset, self.batches_per_epoch):
-                chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
+                chunk = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
                 yield [(i, epoch) for i in chunk]
             epoch, offset = epoch + 1, 0
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """An endless loader over an `AugmentedDataset`, positioned at ``start_step``."""
+                pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+    """An endless loader over an `AugmentedDataset`, positioned at ``start_step``; this rank's
+    share of each global batch of ``batch_size``."""
     return DataLoader(
         dataset,
-        batch_sampler=StepBatchSampler(len(dataset), batch_size, seed, start_step),
+        batch_sampler=StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world),
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=pin_memory,

@@ -109,7 +109,23 @@ class EvalConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"
+    """Where `anymodal submit` sends a run (`anymodal train` always runs here; torchrun for several processes)."""
+
+    name: str = "local"  # local | slurm (a label: `anymodal submit` always goes through submitit to Slurm)
+    nodes: int = 1
+    tasks_per_node: int = 1  # processes per node: one per GPU
+    gpus_per_node: int = 0
+    cpus_per_task: int = 8
+    mem_gb: Optional[float] = None  # per node; None: the cluster's default
+    timeout_min: int = 240
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    signal_delay_s: int = 120  # Slurm sends USR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = 5  # time-outs that requeue the job (preemptions always requeue)
+    array_parallelism: int = 64  # jobs of an --sweep array that run at once
+    sbatch_extra: Dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {exclusive: true}
 
 
 @dataclass

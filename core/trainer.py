@@ -5,6 +5,11 @@ bf16/fp16 autocast where the device supports it, a NaN/Inf guard, metrics to JSO
 TensorBoard when installed), atomic checkpoints, and exact resume: the data order and
 augmentations are functions of the step (`core.data`), masks draw from a generator seeded by the
 step, and the global RNG state is saved with the weights.
+
+Under torch.distributed (torchrun, or `anymodal submit` on Slurm) the step's forward runs inside
+DistributedDataParallel, each rank takes its share of every global batch, metrics and the
+preemption flag are averaged/ORed across ranks in one collective per step, and only rank 0 writes
+the metrics, checkpoints and export.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .backbone import Backbone
@@ -29,6 +35,7 @@ from .checkpoint import load_checkpoint, load_model_state, rng_state, save_atomi
 from .config import SCRATCH, save_config
 from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
 from .data import AugmentedDataset, make_loader, mix_seed
+from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
 from .monitor import OnlineMonitor
 from .objective import Batch
 from .runfolder import RunFolder
@@ -59,14 +66,19 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 class _Signals:
-    """Turns SIGTERM/SIGUSR1 into a flag checked between steps, so a save is never interrupted."""
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag checked between steps, so a save is never
+    interrupted. After the checkpoint, `hand_over` calls the handler that was installed before (submitit's
+    USR2 handler requeues the Slurm job), so a launcher's own protocol still runs.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_Signals":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -74,9 +86,39 @@ class _Signals:
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
+    def hand_over(self, signum: int) -> None:
+        previous = self._old.get(signum)
+        if callable(previous):
+            previous(signum, None)
+
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+class StepForward(nn.Module):
+    """A step's forward pass as one module: tokenize -> mask -> objectives, summed with weights.
+
+    One module so that DistributedDataParallel can wrap it: DDP synchronizes the gradients of the
+    parameters used inside its ``forward``, and the objectives reach the backbone from in here.
+    """
+
+    def __init__(self, backbone: Backbone, objectives: nn.ModuleDict, weights: dict[str, float]) -> None:
+        super().__init__()
+        self.backbone, self.objectives, self.weights = backbone, objectives, weights
+
+    def forward(self, raw: dict[str, Any], masker: Any, generator: torch.Generator,
+                teacher: Optional[nn.Module]) -> tuple[Tensor, dict[str, Any]]:
+        tokens = self.backbone.tokenize(raw)
+        mask = masker(tokens, generator) if masker is not None else None
+        batch = Batch(raw, tokens, mask, generator)
+        loss = torch.zeros((), device=tokens.x.device)
+        metrics: dict[str, Any] = {}
+        for label, objective in self.objectives.items():
+            out = objective(batch, self.backbone, teacher)
+            loss = loss + self.weights[label] * out.loss.float()
+            metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
+        return loss, metrics
 
 
 class Trainer:
@@ -93,7 +135,12 @@ class Trainer:
         self.cfg, self.components = cfg, components
         self.folder = RunFolder(Path(run_dir))
         self.resume = resume
-        self.device = resolve_device(cfg.run.device)
+        self.rank, self.world = rank(), world_size()
+        self.main = self.rank == 0  # the one process that writes to the run folder
+        device = resolve_device(cfg.run.device)
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank())
+        self.device = device
         self.autocast, self.amp_dtype = autocast_for(self.device, cfg.run.precision)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -114,11 +161,13 @@ class Trainer:
                                    f"({', '.join(names)}) does not have")
             # refuse a checkpoint of another model before anything in the folder is touched
             load_model_state(self.backbone, state["backbone"], f"checkpoint {self.folder.last} (backbone)")
-            self._truncate_metrics(state)
+            if self.main:
+                self._truncate_metrics(state)
             log.info("resuming stage %s at step %d from %s", state["stage"], state["step"], self.folder.last)
         elif self.folder.last.is_file():
             raise FileExistsError(f"{self.folder.root} already holds a run; pass --resume to continue it or choose another folder")
-        save_config(self.cfg, self.folder.config)
+        if self.main:
+            save_config(self.cfg, self.folder.config)
         started = state is None
         for index, (name, stage) in enumerate(stages):
             if not started:
@@ -128,7 +177,8 @@ class Trainer:
                 self._train_stage(index, name, stage, state)
             else:
                 self._train_stage(index, name, stage, None)
-        self.export()
+        if self.main:
+            self.export()
 
     def _truncate_metrics(self, state: dict[str, Any]) -> None:
         """Drop metric lines written after the checkpoint, so the resumed run's file is continuous."""
@@ -164,10 +214,13 @@ class Trainer:
         dataset = AugmentedDataset(build_dataset(cfg, "train", self.components), build_transforms(cfg, self.components),
                                    self.key, mix_seed(cfg.run.seed, index), views=cfg.data.views)
         total = stage_steps(stage, len(dataset), batch_size)
-        monitor = OnlineMonitor(cfg, self.components, self.device) if cfg.eval.monitor_every else None
-        model = nn.ModuleDict({"backbone": self.backbone, "objectives": objectives})
+        monitor = OnlineMonitor(cfg, self.components, self.device) if cfg.eval.monitor_every and self.main else None
+        model = StepForward(self.backbone, objectives, weights)
         optimizer = build_optimizer(model, stage.optim, self.device)
         compile_for(cfg.run.compile, model, objectives, teacher)
+        # static_graph: the same parameters take part in every step (some, such as an unused
+        # class token, in none), which DDP then handles without searching the graph each step
+        forward = DistributedDataParallel(model, static_graph=True) if self.world > 1 else model
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         step = 0
         if state is not None:
@@ -181,17 +234,18 @@ class Trainer:
         if step >= total:
             return
         loader = make_loader(dataset, batch_size, mix_seed(cfg.run.seed, index), start_step=step,
-                             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                             rank=self.rank, world=self.world)
         model.train()
-        bar = tqdm(total=total, initial=step, desc=name, disable=not cfg.run.progress, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=step, desc=name, disable=not (cfg.run.progress and self.main), dynamic_ncols=True)
         last_time, last_step = time.perf_counter(), step
         with _Signals() as signals:
             for raw in loader:
                 lr = lr_at(step, total, stage.optim.lr, stage.optim.warmup_steps, stage.optim.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                metrics = self._step(index, name, step, raw, model, objectives, weights, masker, optimizer, scaler,
-                                     stage, teacher)
+                metrics, stop = self._step(index, name, step, raw, forward, masker, optimizer, scaler, stage, teacher,
+                                           signals.received)
                 step += 1
                 if hasattr(teacher, "update"):
                     teacher.update(self.backbone, step, total)
@@ -200,40 +254,41 @@ class Trainer:
                     watched = monitor(self.backbone)
                     metrics.update(watched)
                     bar.set_description(f"{name} knn={watched['monitor/knn']:.2f} rank={watched['monitor/rankme']:.1f}")
-                if step % cfg.run.log_every == 0 or step == total:
+                if self.main and (step % cfg.run.log_every == 0 or step == total):
                     now = time.perf_counter()
                     rate = (step - last_step) * batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, step
                     self._log({"stage": name, "step": step, "lr": lr, "samples_per_s": rate, **metrics})
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
-                if step == total or step % cfg.run.checkpoint_every == 0 or signals.received:
+                if step == total or step % cfg.run.checkpoint_every == 0 or stop:
                     self._save(name, step, model, optimizer, scaler, teacher)
-                if signals.received:
+                if stop:
+                    barrier()  # no rank exits (and makes the launcher kill the rest) before rank 0's save
                     bar.close()
-                    raise Preempted(128 + signals.received)
+                    signum = signals.received or signal.SIGTERM  # another rank may have seen it
+                    signals.hand_over(signum)  # e.g. submitit: requeue the job (rank 0), then exit
+                    raise Preempted(128 + signum)
                 if step >= total:
                     break
         bar.close()
-        save_atomic({"stage": name, "backbone": self.backbone.state_dict(), "objectives": objectives.state_dict()},
-                    self.folder.final(name))
+        if self.main:
+            save_atomic({"stage": name, "backbone": self.backbone.state_dict(), "objectives": objectives.state_dict()},
+                        self.folder.final(name))
+        barrier()  # the next stage's init_from and stage teacher read this file on every rank
 
-    def _step(self, index: int, name: str, step: int, raw: dict[str, Any], model: nn.Module, objectives: nn.ModuleDict,
-              weights: dict[str, float], masker: Any, optimizer: torch.optim.Optimizer, scaler: Any, stage: Any,
-              teacher: Optional[nn.Module]) -> dict[str, float]:
+    def _step(self, index: int, name: str, step: int, raw: dict[str, Any], forward: nn.Module, masker: Any,
+              optimizer: torch.optim.Optimizer, scaler: Any, stage: Any, teacher: Optional[nn.Module],
+              signal_received: Optional[int]) -> tuple[dict[str, float], bool]:
+        """One optimizer step; returns the metrics (averaged over ranks) and whether to stop for a signal."""
         raw = _to_device(raw, self.device)
-        generator = torch.Generator().manual_seed(mix_seed(self.cfg.run.seed, index, step, 1))
-        metrics: dict[str, float] = {}
+        # each rank masks its own share of the batch: the mask stream depends on the rank too
+        seed_parts = (self.cfg.run.seed, index, step, 1) + ((self.rank,) if self.world > 1 else ())
+        generator = torch.Generator().manual_seed(mix_seed(*seed_parts))
         with self.autocast(), sdpa_kernels(self.cfg.run.sdpa_kernel):
-            tokens = self.backbone.tokenize(raw)
-            mask = masker(tokens, generator) if masker is not None else None
-            batch = Batch(raw, tokens, mask, generator)
-            loss = torch.zeros((), device=self.device)
-            for label, objective in objectives.items():
-                out = objective(batch, self.backbone, teacher)
-                loss = loss + weights[label] * out.loss.float()
-                metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
-        value = loss.item()
-        metrics = {k: float(v) for k, v in metrics.items()}  # objectives may report tensors: one sync, here
+            loss, metrics = forward(raw, masker, generator, teacher)
+        # objectives may report tensors: one sync here, which also averages over ranks
+        values, stop = mean_over_ranks([loss.detach(), *metrics.values()], flag=signal_received)
+        value, metrics = values[0], dict(zip(metrics, values[1:]))
         if not math.isfinite(value):
             last = self.folder.last if self.folder.last.is_file() else None
             raise NonFiniteLossError(
@@ -245,20 +300,22 @@ class Trainer:
         grad_norm = float("nan")
         if stage.optim.clip_grad:
             scaler.unscale_(optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), stage.optim.clip_grad))
+            grad_norm = float(nn.utils.clip_grad_norm_(forward.parameters(), stage.optim.clip_grad))
         scaler.step(optimizer)
         scaler.update()
-        return {"loss": value, "grad_norm": grad_norm, **metrics}
+        return {"loss": value, "grad_norm": grad_norm, **metrics}, stop > 0
 
-    def _save(self, name: str, step: int, model: nn.ModuleDict, optimizer: torch.optim.Optimizer, scaler: Any,
+    def _save(self, name: str, step: int, model: StepForward, optimizer: torch.optim.Optimizer, scaler: Any,
               teacher: Optional[nn.Module]) -> None:
+        if not self.main:
+            return
         extra = {"teacher": teacher.state_dict()} if hasattr(teacher, "update") else {}  # only a moving teacher has state
         save_atomic({
             **extra,
             "stage": name,
             "step": step,
-            "backbone": model["backbone"].state_dict(),
-            "objectives": model["objectives"].state_dict(),
+            "backbone": model.backbone.state_dict(),
+            "objectives": model.objectives.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": rng_state(),
