@@ -26,7 +26,6 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .backbone import Backbone
@@ -37,6 +36,7 @@ from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
 from .data import AugmentedDataset, make_loader, mix_seed
 from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
 from .monitor import OnlineMonitor
+from .parallel import full_model_state, full_optimizer_state, grad_norm_value, load_optimizer_state, parallelize
 from .objective import Batch
 from .runfolder import RunFolder
 from .schedule import build_optimizer, lr_at
@@ -141,6 +141,9 @@ class Trainer:
         if self.world > 1 and device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank())
         self.device = device
+        if self._sharded and cfg.eval.monitor_every:
+            raise ValueError("eval.monitor_every needs whole weights on rank 0: set it to 0 with run.parallel=fsdp "
+                             "(or use run.parallel=ddp)")
         self.autocast, self.amp_dtype = autocast_for(self.device, cfg.run.precision)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -216,23 +219,22 @@ class Trainer:
         total = stage_steps(stage, len(dataset), batch_size)
         monitor = OnlineMonitor(cfg, self.components, self.device) if cfg.eval.monitor_every and self.main else None
         model = StepForward(self.backbone, objectives, weights)
-        optimizer = build_optimizer(model, stage.optim, self.device)
-        compile_for(cfg.run.compile, model, objectives, teacher)
-        # static_graph: the same parameters take part in every step (some, such as an unused
-        # class token, in none), which DDP then handles without searching the graph each step
-        forward = DistributedDataParallel(model, static_graph=True) if self.world > 1 else model
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         step = 0
-        if state is not None:
+        if state is not None:  # whole weights go in before sharding; optimizer state after
             load_model_state(objectives, state["objectives"], f"checkpoint {self.folder.last} (objectives of stage {name})")
-            optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             if "teacher" in state:
                 load_model_state(teacher, state["teacher"], f"checkpoint {self.folder.last} (teacher of stage {name})")
-            set_rng_state(state["rng"])
             step = int(state["step"])
         if step >= total:
             return
+        compile_for(cfg.run.compile, model, objectives, teacher)
+        forward = parallelize(cfg.run.parallel, self.world, model, teacher)
+        optimizer = build_optimizer(model, stage.optim, self.device)  # after sharding: FSDP swaps the parameters
+        if state is not None:
+            load_optimizer_state(model, optimizer, state["optimizer"])
+            set_rng_state(state["rng"])
         loader = make_loader(dataset, batch_size, mix_seed(cfg.run.seed, index), start_step=step,
                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                              rank=self.rank, world=self.world)
@@ -271,9 +273,12 @@ class Trainer:
                 if step >= total:
                     break
         bar.close()
+        weights = self._gather_weights(model)
         if self.main:
-            save_atomic({"stage": name, "backbone": self.backbone.state_dict(), "objectives": objectives.state_dict()},
-                        self.folder.final(name))
+            save_atomic({"stage": name, **weights}, self.folder.final(name))
+        if self._sharded:  # the next stage starts from whole weights again
+            self.backbone = build_backbone(cfg, self.components).to(self.device)
+            load_model_state(self.backbone, self._gather_weights(model, to_all=True)["backbone"], f"stage {name} (gathered)")
         barrier()  # the next stage's init_from and stage teacher read this file on every rank
 
     def _step(self, index: int, name: str, step: int, raw: dict[str, Any], forward: nn.Module, masker: Any,
@@ -300,23 +305,46 @@ class Trainer:
         grad_norm = float("nan")
         if stage.optim.clip_grad:
             scaler.unscale_(optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(forward.parameters(), stage.optim.clip_grad))
+            grad_norm = grad_norm_value(nn.utils.clip_grad_norm_(forward.parameters(), stage.optim.clip_grad))
         scaler.step(optimizer)
         scaler.update()
         return {"loss": value, "grad_norm": grad_norm, **metrics}, stop > 0
 
+    @property
+    def _sharded(self) -> bool:
+        return self.cfg.run.parallel == "fsdp" and self.world > 1
+
+    def _gather_weights(self, model: StepForward, to_all: bool = False) -> dict[str, Any]:
+        """``{"backbone": ..., "objectives": ...}`` whole, on rank 0 (every rank with ``to_all``).
+        Under FSDP every rank must call it (it gathers the shards)."""
+        if not self._sharded:
+            return {"backbone": model.backbone.state_dict(), "objectives": model.objectives.state_dict()}
+        full = model.state_dict() if to_all else full_model_state(model)  # state_dict() of a sharded module: DTensors
+        if to_all:
+            full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in full.items()}
+        parts: dict[str, Any] = {"backbone": {}, "objectives": {}}
+        for key, value in full.items():
+            part, _, rest = key.partition(".")
+            parts[part][rest] = value
+        return parts
+
     def _save(self, name: str, step: int, model: StepForward, optimizer: torch.optim.Optimizer, scaler: Any,
               teacher: Optional[nn.Module]) -> None:
+        if not (self.main or self._sharded):
+            return
+        weights = self._gather_weights(model)
+        optim_state = full_optimizer_state(model, optimizer)
+        moving = hasattr(teacher, "update")  # only a moving teacher has state of its own
+        teacher_state = (full_model_state(teacher) if self._sharded else teacher.state_dict()) if moving else None
         if not self.main:
             return
-        extra = {"teacher": teacher.state_dict()} if hasattr(teacher, "update") else {}  # only a moving teacher has state
+        extra = {"teacher": teacher_state} if moving else {}
         save_atomic({
             **extra,
+            **weights,
             "stage": name,
             "step": step,
-            "backbone": model.backbone.state_dict(),
-            "objectives": model.objectives.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state,
             "scaler": scaler.state_dict(),
             "rng": rng_state(),
         }, self.folder.last)

@@ -180,7 +180,7 @@ class Contrastive(nn.Module):
         self.masker = RandomMasker(mask_ratio) if mask_ratio > 0 else None  # RandomMasker checks the ratio
         self.learn_temperature = learn_temperature
         self.max_log_scale = math.log(max_logit_scale)
-        log_scale = torch.tensor(math.log(1.0 / temperature))
+        log_scale = torch.tensor([math.log(1.0 / temperature)])  # 1-D: FSDP shards no 0-D parameter
         if learn_temperature:
             self.log_scale = nn.Parameter(log_scale)
         else:
@@ -216,7 +216,7 @@ class Contrastive(nn.Module):
 
     def logit_scale(self) -> Tensor:
         """The inverse temperature, within ``[1, max_logit_scale]``."""
-        return self.log_scale.clamp(0.0, self.max_log_scale).exp()
+        return self.log_scale.clamp(0.0, self.max_log_scale).exp().squeeze(0)
 
     def _field(self, raw: Mapping[str, Any], key: str) -> Any:
         if key not in raw:

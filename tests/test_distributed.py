@@ -28,6 +28,17 @@ def torchrun(*args, check=True, **kwargs):
     return proc
 
 
+def start_and_wait(args, run: Path, steps: int) -> subprocess.Popen:
+    """Start a two-rank run in the background; return once it has logged ``steps`` steps."""
+    proc = subprocess.Popen([*TWO_RANKS, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    end = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None and time.time() < end, f"run ended early: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.05)
+    return proc
+
+
 def max_weight_difference(a: Path, b: Path) -> float:
     wa, wb = load_checkpoint(a)["backbone"], load_checkpoint(b)["backbone"]
     assert wa.keys() == wb.keys()
@@ -49,9 +60,17 @@ def iter_batches(sampler, n):
         yield batch
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    anymodal("train", *CLIP, "--run-dir", tmp_path / "one")
-    torchrun("train", *CLIP, "--run-dir", tmp_path / "two")
+@pytest.fixture(scope="module")
+def one_process_clip(tmp_path_factory):
+    run = tmp_path_factory.mktemp("clip") / "one"
+    anymodal("train", *CLIP, "--run-dir", run)
+    return run
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(one_process_clip, tmp_path, parallel):
+    tmp_path.joinpath("one").symlink_to(one_process_clip)
+    torchrun("train", *CLIP, f"run.parallel={parallel}", "--run-dir", tmp_path / "two")
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for _, s, _ in two] == list(range(1, 13))  # rank 0 alone wrote the metrics
     for (_, _, a), (_, _, b) in zip(one, two):
@@ -84,13 +103,7 @@ def test_kill_9_of_a_rank_loses_only_steps_since_the_checkpoint(tmp_path):
     mae = ["tiny-test", "recipe.stages.pretrain.steps=40", "run.checkpoint_every=5", "run.threads=1"]
     torchrun("train", *mae, "--run-dir", tmp_path / "whole")
     run = tmp_path / "killed"
-    proc = subprocess.Popen([*TWO_RANKS, "train", *mae, "--run-dir", str(run)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    end = time.time() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 17):
-        assert proc.poll() is None and time.time() < end, f"run ended early: {proc.stderr.read()[-2000:]}"
-        time.sleep(0.05)
+    proc = start_and_wait(["train", *mae, "--run-dir", run], run, steps=17)
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
     done = losses(run)[-1][1]
@@ -108,3 +121,22 @@ def test_two_stage_recipe_with_stage_teacher_runs_on_two_ranks(tmp_path):
     stages = [p.name for p in sorted(folder.glob("*-final.pt"))]
     assert len(stages) == 2
     assert torch.isfinite(torch.tensor([l for _, _, l in losses(tmp_path / "run")])).all()
+
+
+def test_fsdp_sigterm_checkpoints_whole_state_and_resumes_exactly(tmp_path):
+    """FSDP with an EMA teacher (sharded like the student): SIGTERM to torchrun reaches both ranks,
+    rank 0 writes whole weights, teacher and optimizer state; the resumed run repeats the
+    uninterrupted one step for step."""
+    jepa = ["tiny-test", "recipe=jepa", "model.depth=4", "recipe.stages.pretrain.steps=30",
+            "run.checkpoint_every=1000", "run.threads=1", "run.parallel=fsdp"]
+    torchrun("train", *jepa, "--run-dir", tmp_path / "whole")
+    run = tmp_path / "stopped"
+    proc = start_and_wait(["train", *jepa, "--run-dir", run], run, steps=8)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    state = load_checkpoint(run / "checkpoints/last.pt")
+    assert state["step"] == losses(run)[-1][1] < 30  # saved at the step it stopped: nothing lost
+    assert "teacher" in state and state["backbone"]["encoder.blocks.0.attn.qkv.weight"].shape[0] == 3 * 64  # whole
+    torchrun("train", *jepa, "--run-dir", run, "--resume")
+    assert losses(run) == losses(tmp_path / "whole")
+    assert max_weight_difference(run / "checkpoints/last.pt", tmp_path / "whole/checkpoints/last.pt") == 0.0

@@ -1,0 +1,72 @@
+"""Data parallelism for a stage: DistributedDataParallel or FSDP2 (``fully_shard``), by ``run.parallel``.
+
+With one process both are the identity. Checkpoints hold full (unsharded) weights and optimizer
+state keyed by parameter name (torch.distributed.checkpoint's state-dict API), whatever the
+parallelism and world size, so a run checkpointed under FSDP on 8 GPUs resumes under DDP on 2 or
+in one process, and export and eval read it unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["PARALLEL_MODES", "parallelize", "full_model_state", "full_optimizer_state", "load_optimizer_state",
+           "grad_norm_value"]
+
+PARALLEL_MODES = ("ddp", "fsdp")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _shard_backbone_owner(module: nn.Module, backbone: nn.Module, **kwargs: Any) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in backbone.encoder.blocks:  # one unit per block: weights are gathered one block at a time
+        fully_shard(block, **kwargs)
+    fully_shard(module, **kwargs)  # the rest (tokenizer, norms, objectives' heads) in the root unit
+
+
+def parallelize(mode: str, world: int, model: nn.Module, teacher: Optional[nn.Module]) -> nn.Module:
+    """Prepare a stage's `StepForward` (and a moving teacher) for ``world`` ranks; returns what to call.
+
+    ddp: one DDP wrapper; ``static_graph`` because the same parameters take part in every step
+    (some, like an unused class token, in none), so DDP need not search the graph each step.
+    fsdp: each encoder block and the rest of the model are sharded across ranks. An EMA teacher is
+    sharded the same way, so its update pairs each teacher shard with the student's shard; it
+    reshards after its forward since it never runs a backward. Frozen teachers stay whole.
+    """
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"run.parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    if world == 1:
+        return model
+    if mode == "ddp":
+        return DistributedDataParallel(model, static_graph=True)
+    _shard_backbone_owner(model, model.backbone)
+    if hasattr(teacher, "update"):
+        _shard_backbone_owner(teacher, teacher.backbone, reshard_after_forward=True)
+    return model
+
+
+def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's full weights on CPU (a collective under FSDP: call it on every rank; rank 0 gets them)."""
+    return get_model_state_dict(module, options=_FULL)
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, full, on CPU (a collective under FSDP)."""
+    return get_optimizer_state_dict(module, optimizer, options=_FULL)
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load `full_optimizer_state`'s output; every rank passes the full state and keeps its shard."""
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """``clip_grad_norm_``'s result as a float (under FSDP it is a DTensor: take the full value)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
