@@ -11,6 +11,7 @@ from ...objectives.contrastive import Contrastive
 from ...objectives.distill import MaskedDistill, UnmaskedTokenDistill
 from ...objectives.jepa import Jepa
 from ...objectives.masked_pixel import MaskedPixel
+from ...tokenizers.audio import SpectrogramFrameTokenizer, SpectrogramPatchTokenizer
 from ...tokenizers.image import ImagePatchTokenizer
 from ...tokenizers.pillars import PillarTokenizer
 from ...tokenizers.points import PointPatchTokenizer
@@ -23,7 +24,8 @@ from . import image_data, image_transforms, lidar_data, lidar_scenes, moving_dig
 @hookimpl
 def register_tokenizers():
     return {"image_patch": ImagePatchTokenizer, "tubelet": TubeletTokenizer, "byte_text": ByteTextTokenizer,
-            "clip_bpe": ClipBpeTokenizer, "point_patch": PointPatchTokenizer, "pillar": PillarTokenizer}
+            "clip_bpe": ClipBpeTokenizer, "point_patch": PointPatchTokenizer, "pillar": PillarTokenizer,
+            "spectrogram_patch": SpectrogramPatchTokenizer, "spectrogram_frames": SpectrogramFrameTokenizer}
 
 
 @hookimpl
