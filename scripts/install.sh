@@ -45,3 +45,16 @@ fetch_aerial_tile() {
 }
 pip_install "laspy>=2.4" "lazrs>=0.5" || echo "warning: could not install laspy and lazrs; .las/.laz files cannot be read" >&2
 fetch_aerial_tile
+
+# Audio: soundfile (libsndfile) reads WAV/FLAC/OGG and soxr resamples. Where espeak-ng is installed
+# the full spoken-digits set (3750 clips) is built into the data cache once; without it the
+# `spoken_digits` dataset reads the small copy shipped with anymodal.
+pip_install "soundfile>=0.12" "soxr>=0.3" || echo "warning: could not install soundfile and soxr; audio files cannot be read" >&2
+build_spoken_digits() {
+  local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/audio/spoken_digits"
+  command -v espeak-ng >/dev/null 2>&1 || return 0
+  if [ -f "$dest/train.jsonl" ] && [ -f "$dest/test.jsonl" ]; then return 0; fi
+  "$PY" -m anymodal.plugins.builtin.spoken_digits --out "$dest" --quiet \
+    || echo "warning: could not build the spoken digits in $dest; the spoken_digits dataset reads its small copy" >&2
+}
+build_spoken_digits

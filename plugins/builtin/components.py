@@ -18,7 +18,8 @@ from ...tokenizers.points import PointPatchTokenizer
 from ...tokenizers.text import ByteTextTokenizer, ClipBpeTokenizer
 from ...tokenizers.video import TubeletTokenizer
 from .. import hookimpl
-from . import image_data, image_transforms, lidar_data, lidar_scenes, moving_digits, point_transforms, video_data
+from . import (audio_data, image_data, image_transforms, lidar_data, lidar_scenes, moving_digits, point_transforms,
+               video_data)
 
 
 @hookimpl
@@ -42,6 +43,8 @@ def register_datasets():
         "aerial_tile": lidar_data.AerialTileDataset,
         "shapes": lidar_scenes.ShapesDataset,
         "lidar_sweeps": lidar_scenes.LidarSweepsDataset,
+        "audio_manifest": audio_data.AudioManifestDataset,
+        "spoken_digits": audio_data.SpokenDigitsDataset,
     }
 
 
@@ -59,6 +62,11 @@ def register_transforms():
         "point_dropout": point_transforms.PointDropout,
         "jitter": point_transforms.Jitter,
         "subsample": point_transforms.Subsample,
+        "random_crop_audio": audio_data.RandomCropAudio,
+        "random_gain": audio_data.RandomGain,
+        "time_mask": audio_data.TimeMask,
+        "freq_mask": audio_data.FreqMask,
+        "add_noise": audio_data.AddNoise,
     }
 
 
