@@ -189,7 +189,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     cfg = load_run_config(folder.root)
     backbone = build_backbone(cfg, load_components(cfg.plugins))
     ckpt = Path(args.checkpoint) if args.checkpoint else folder.last
-    load_model_state(backbone, load_checkpoint(ckpt)["backbone"], f"checkpoint {ckpt}")
+    state = load_checkpoint(ckpt)
+    if "shards" in state:  # FSDP: the weights are in the shard folder it names
+        from .parallel import load_backbone_from_shards
+
+        load_backbone_from_shards(ckpt.parent / state["shards"], backbone)
+    else:
+        load_model_state(backbone, state["backbone"], f"checkpoint {ckpt}")
     out = export_backbone(backbone, cfg, Path(args.out) if args.out else folder.export)
     print(f"exported {out}")
     return 0

@@ -1,23 +1,26 @@
 """Data parallelism for a stage: DistributedDataParallel or FSDP2 (``fully_shard``), by ``run.parallel``.
 
-With one process both are the identity. Checkpoints hold full (unsharded) weights and optimizer
-state keyed by parameter name (torch.distributed.checkpoint's state-dict API), whatever the
-parallelism and world size, so a run checkpointed under FSDP on 8 GPUs resumes under DDP on 2 or
-in one process, and export and eval read it unchanged.
+With one process both are the identity. Under DDP (and in one process) rank 0 writes whole
+weights and optimizer state keyed by parameter name (torch.distributed.checkpoint's state-dict
+API). Under FSDP every rank writes its own shards with torch.distributed.checkpoint (no gather on
+rank 0); the loader reshards, so such a checkpoint resumes on another number of ranks, under DDP
+or in one process. A stage's final weights are always written whole (``<stage>-final.pt``), for
+the next stage, export and eval.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["PARALLEL_MODES", "parallelize", "full_model_state", "full_optimizer_state", "load_optimizer_state",
-           "grad_norm_value"]
+           "grad_norm_value", "save_shards", "load_shards", "load_backbone_from_shards"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -70,3 +73,46 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
 def grad_norm_value(norm: torch.Tensor) -> float:
     """``clip_grad_norm_``'s result as a float (under FSDP it is a DTensor: take the full value)."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> dict[str, Any]:
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if hasattr(teacher, "update"):
+        state["teacher"] = get_model_state_dict(teacher)
+    return state
+
+
+def save_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> None:
+    """Every rank writes its shards of the model, optimizer and moving teacher into folder ``path``
+    (a collective; the folder is complete once its ``.metadata`` exists, written last)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(model, optimizer, teacher), checkpoint_id=str(path))
+
+
+def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> None:
+    """Load `save_shards`' folder into the (possibly differently) sharded model, optimizer and teacher."""
+    import torch.distributed.checkpoint as dcp
+
+    from .checkpoint import CheckpointError
+
+    state = _sharded_state(model, optimizer, teacher)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP raises its own types for missing keys and shape mismatches
+        raise CheckpointError(f"sharded checkpoint {path} does not fit this model ({type(e).__name__}: "
+                              f"{str(e)[:400]})") from e
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if "teacher" in state:
+        set_model_state_dict(teacher, state["teacher"])
+
+
+def load_backbone_from_shards(path: Path, backbone: nn.Module) -> None:
+    """The backbone's weights alone from a `save_shards` folder, in one process (export)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    state = {"model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in state["model"].items()})

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
 from .data import AugmentedDataset, make_loader, mix_seed
 from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
 from .monitor import OnlineMonitor
-from .parallel import full_model_state, full_optimizer_state, grad_norm_value, load_optimizer_state, parallelize
+from .parallel import (full_model_state, full_optimizer_state, grad_norm_value, load_optimizer_state, load_shards,
+                       parallelize, save_shards)
 from .objective import Batch
 from .runfolder import RunFolder
 from .schedule import build_optimizer, lr_at
@@ -163,7 +165,9 @@ class Trainer:
                 raise RuntimeError(f"{self.folder.last} is from stage {state['stage']!r}, which this recipe "
                                    f"({', '.join(names)}) does not have")
             # refuse a checkpoint of another model before anything in the folder is touched
-            load_model_state(self.backbone, state["backbone"], f"checkpoint {self.folder.last} (backbone)")
+            # (a sharded checkpoint is checked when it is loaded into the sharded model)
+            if "shards" not in state:
+                load_model_state(self.backbone, state["backbone"], f"checkpoint {self.folder.last} (backbone)")
             if self.main:
                 self._truncate_metrics(state)
             log.info("resuming stage %s at step %d from %s", state["stage"], state["step"], self.folder.last)
@@ -221,19 +225,24 @@ class Trainer:
         model = StepForward(self.backbone, objectives, weights)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         step = 0
-        if state is not None:  # whole weights go in before sharding; optimizer state after
+        shards = self.folder.checkpoints / state["shards"] if state is not None and "shards" in state else None
+        if state is not None and shards is None:  # whole weights go in before sharding; optimizer state after
             load_model_state(objectives, state["objectives"], f"checkpoint {self.folder.last} (objectives of stage {name})")
-            scaler.load_state_dict(state["scaler"])
             if "teacher" in state:
                 load_model_state(teacher, state["teacher"], f"checkpoint {self.folder.last} (teacher of stage {name})")
+        if state is not None:
+            scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
         if step >= total:
             return
         compile_for(cfg.run.compile, model, objectives, teacher)
         forward = parallelize(cfg.run.parallel, self.world, model, teacher)
         optimizer = build_optimizer(model, stage.optim, self.device)  # after sharding: FSDP swaps the parameters
-        if state is not None:
+        if shards is not None:
+            load_shards(shards, model, optimizer, teacher)
+        elif state is not None:
             load_optimizer_state(model, optimizer, state["optimizer"])
+        if state is not None:
             set_rng_state(state["rng"])
         loader = make_loader(dataset, batch_size, mix_seed(cfg.run.seed, index), start_step=step,
                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
@@ -330,15 +339,14 @@ class Trainer:
 
     def _save(self, name: str, step: int, model: StepForward, optimizer: torch.optim.Optimizer, scaler: Any,
               teacher: Optional[nn.Module]) -> None:
-        if not (self.main or self._sharded):
+        if self._sharded:
+            self._save_shards(name, step, model, optimizer, scaler, teacher)
+            return
+        if not self.main:
             return
         weights = self._gather_weights(model)
         optim_state = full_optimizer_state(model, optimizer)
-        moving = hasattr(teacher, "update")  # only a moving teacher has state of its own
-        teacher_state = (full_model_state(teacher) if self._sharded else teacher.state_dict()) if moving else None
-        if not self.main:
-            return
-        extra = {"teacher": teacher_state} if moving else {}
+        extra = {"teacher": teacher.state_dict()} if hasattr(teacher, "update") else {}  # only a moving teacher has state
         save_atomic({
             **extra,
             **weights,
@@ -348,6 +356,20 @@ class Trainer:
             "scaler": scaler.state_dict(),
             "rng": rng_state(),
         }, self.folder.last)
+
+    def _save_shards(self, name: str, step: int, model: StepForward, optimizer: torch.optim.Optimizer, scaler: Any,
+                     teacher: Optional[nn.Module]) -> None:
+        """FSDP: each rank writes its shards to a new folder; then rank 0 points ``last.pt`` at it
+        (atomically) and removes the older folders, so a kill at any moment leaves a complete one."""
+        shards = self.folder.checkpoints / f"shards-{name}-{step:08d}"
+        save_shards(shards, model, optimizer, teacher)
+        if not self.main:
+            return
+        save_atomic({"stage": name, "step": step, "shards": shards.name, "scaler": scaler.state_dict(), "rng": rng_state()},
+                    self.folder.last)
+        for old in self.folder.checkpoints.glob("shards-*"):
+            if old != shards:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.folder.metrics.parent.mkdir(parents=True, exist_ok=True)

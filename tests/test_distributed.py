@@ -1,6 +1,7 @@
 """torch.distributed for real: torchrun with two gloo processes on CPU, against one process."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def test_two_ranks_match_one_process(one_process_clip, tmp_path, parallel):
     assert [s for _, s, _ in two] == list(range(1, 13))  # rank 0 alone wrote the metrics
     for (_, _, a), (_, _, b) in zip(one, two):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    assert max_weight_difference(tmp_path / "one/checkpoints/last.pt", tmp_path / "two/checkpoints/last.pt") < 1e-3
+    final = "checkpoints/contrastive-final.pt"  # whole weights under either parallelism
+    assert max_weight_difference(tmp_path / "one" / final, tmp_path / "two" / final) < 1e-3
 
 
 def rank_pid(parent: int, rank: int) -> int:
@@ -123,10 +125,10 @@ def test_two_stage_recipe_with_stage_teacher_runs_on_two_ranks(tmp_path):
     assert torch.isfinite(torch.tensor([l for _, _, l in losses(tmp_path / "run")])).all()
 
 
-def test_fsdp_sigterm_checkpoints_whole_state_and_resumes_exactly(tmp_path):
+def test_fsdp_sigterm_writes_shards_and_resumes_exactly(tmp_path):
     """FSDP with an EMA teacher (sharded like the student): SIGTERM to torchrun reaches both ranks,
-    rank 0 writes whole weights, teacher and optimizer state; the resumed run repeats the
-    uninterrupted one step for step."""
+    each writes its shards; the resumed run repeats the uninterrupted one step for step, and the
+    checkpoint also exports and resumes in one process."""
     jepa = ["tiny-test", "recipe=jepa", "model.depth=4", "recipe.stages.pretrain.steps=30",
             "run.checkpoint_every=1000", "run.threads=1", "run.parallel=fsdp"]
     torchrun("train", *jepa, "--run-dir", tmp_path / "whole")
@@ -136,7 +138,13 @@ def test_fsdp_sigterm_checkpoints_whole_state_and_resumes_exactly(tmp_path):
     assert proc.wait(timeout=120) != 0
     state = load_checkpoint(run / "checkpoints/last.pt")
     assert state["step"] == losses(run)[-1][1] < 30  # saved at the step it stopped: nothing lost
-    assert "teacher" in state and state["backbone"]["encoder.blocks.0.attn.qkv.weight"].shape[0] == 3 * 64  # whole
+    shards = run / "checkpoints" / state["shards"]  # each rank wrote its own shards (torch.distributed.checkpoint)
+    assert (shards / ".metadata").is_file() and len(list(shards.glob("*.distcp"))) == 2
+    one_process = tmp_path / "one-process"  # the same checkpoint resharded onto one process
+    shutil.copytree(run, one_process)
+    anymodal("export", one_process, "--out", tmp_path / "export")
+    anymodal("train", *jepa, "--run-dir", one_process, "--resume")
     torchrun("train", *jepa, "--run-dir", run, "--resume")
     assert losses(run) == losses(tmp_path / "whole")
-    assert max_weight_difference(run / "checkpoints/last.pt", tmp_path / "whole/checkpoints/last.pt") == 0.0
+    assert max_weight_difference(run / "checkpoints/pretrain-final.pt", tmp_path / "whole/checkpoints/pretrain-final.pt") == 0.0
+    assert losses(one_process)[-1][1] == 30
