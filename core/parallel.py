@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["PARALLEL_MODES", "parallelize", "full_model_state", "full_optimizer_state", "load_optimizer_state",
+__all__ = ["PARALLEL_MODES", "parallelize", "full_optimizer_state", "load_optimizer_state",
            "grad_norm_value", "save_shards", "load_shards", "load_backbone_from_shards"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -53,11 +53,6 @@ def parallelize(mode: str, world: int, model: nn.Module, teacher: Optional[nn.Mo
     if hasattr(teacher, "update"):
         _shard_backbone_owner(teacher, teacher.backbone, reshard_after_forward=True)
     return model
-
-
-def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's full weights on CPU (a collective under FSDP: call it on every rank; rank 0 gets them)."""
-    return get_model_state_dict(module, options=_FULL)
 
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -37,8 +37,7 @@ from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
 from .data import AugmentedDataset, make_loader, mix_seed
 from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
 from .monitor import OnlineMonitor
-from .parallel import (full_model_state, full_optimizer_state, grad_norm_value, load_optimizer_state, load_shards,
-                       parallelize, save_shards)
+from .parallel import full_optimizer_state, grad_norm_value, load_optimizer_state, load_shards, parallelize, save_shards
 from .objective import Batch
 from .runfolder import RunFolder
 from .schedule import build_optimizer, lr_at
@@ -282,12 +281,12 @@ class Trainer:
                 if step >= total:
                     break
         bar.close()
-        weights = self._gather_weights(model)
+        weights = self._gather_weights(model)  # under FSDP: on every rank, once
         if self.main:
             save_atomic({"stage": name, **weights}, self.folder.final(name))
         if self._sharded:  # the next stage starts from whole weights again
             self.backbone = build_backbone(cfg, self.components).to(self.device)
-            load_model_state(self.backbone, self._gather_weights(model, to_all=True)["backbone"], f"stage {name} (gathered)")
+            load_model_state(self.backbone, weights["backbone"], f"stage {name} (gathered)")
         barrier()  # the next stage's init_from and stage teacher read this file on every rank
 
     def _step(self, index: int, name: str, step: int, raw: dict[str, Any], forward: nn.Module, masker: Any,
@@ -323,14 +322,13 @@ class Trainer:
     def _sharded(self) -> bool:
         return self.cfg.run.parallel == "fsdp" and self.world > 1
 
-    def _gather_weights(self, model: StepForward, to_all: bool = False) -> dict[str, Any]:
-        """``{"backbone": ..., "objectives": ...}`` whole, on rank 0 (every rank with ``to_all``).
-        Under FSDP every rank must call it (it gathers the shards)."""
+    def _gather_weights(self, model: StepForward) -> dict[str, Any]:
+        """``{"backbone": ..., "objectives": ...}`` whole. Under FSDP every rank must call it (it
+        gathers the shards) and every rank gets them."""
         if not self._sharded:
             return {"backbone": model.backbone.state_dict(), "objectives": model.objectives.state_dict()}
-        full = model.state_dict() if to_all else full_model_state(model)  # state_dict() of a sharded module: DTensors
-        if to_all:
-            full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in full.items()}
+        # state_dict() of a sharded module holds DTensors; full_tensor() gathers each
+        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         parts: dict[str, Any] = {"backbone": {}, "objectives": {}}
         for key, value in full.items():
             part, _, rest = key.partition(".")
