@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import Packed
 from .layers import Block
 from .tokens import Tokens
 
@@ -66,6 +67,9 @@ class Encoder(nn.Module):
         cls_token: prepend a learned class token.
         grad_checkpointing: recompute each block's activations in the backward pass instead of
             keeping them (less memory, about one more forward of compute).
+        pack_ragged: run ragged batches packed (`core.attention.Packed`): real tokens only, each
+            attending within its sample. On by default with ``xformers``, whose block-diagonal
+            kernel makes it pay; the other backends then build an explicit ``[T, T]`` mask.
     """
 
     def __init__(
@@ -79,10 +83,12 @@ class Encoder(nn.Module):
         attn_backend: str = "sdpa",
         cls_token: bool = True,
         grad_checkpointing: bool = False,
+        pack_ragged: Optional[bool] = None,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.grad_checkpointing = grad_checkpointing
+        self.pack_ragged = attn_backend == "xformers" if pack_ragged is None else pack_ragged
         self.posenc = posenc
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -120,6 +126,10 @@ class Encoder(nn.Module):
             if keep is not None:
                 keep = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1)
         prefix = 0 if self.cls_token is None else 1
+        packed = Packed.from_keep(keep) if self.pack_ragged and keep is not None else None
+        if packed is not None:
+            x, keep = packed.pack(x), packed
+        unpack = (lambda y: y) if packed is None else packed.unpack
         kept = []
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -127,6 +137,6 @@ class Encoder(nn.Module):
             else:
                 x = block(x, keep)
             if i >= len(self.blocks) - layers:
-                kept.append(x[:, prefix:])
-        x = self.norm(x)
+                kept.append(unpack(x)[:, prefix:])
+        x = unpack(self.norm(x))
         return Encoded(tokens.with_x(x[:, prefix:]), x[:, 0] if prefix else None, kept)

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
-from .attention import Attention
+from .attention import Attention, KeyMask
 
 __all__ = ["Mlp", "DropPath", "Block"]
 
@@ -68,6 +68,6 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, keep: KeyMask = None) -> Tensor:
         x = x + self.drop_path1(self.attn(self.norm1(x), keep))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

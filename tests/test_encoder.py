@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from anymodal.core.attention import Attention
+from anymodal.core.attention import Attention, Packed
 from anymodal.core.backbone import Backbone
 from anymodal.core.encoder import ENCODER_SIZES, Encoder
 from anymodal.core.layers import DropPath
@@ -32,10 +32,11 @@ def grid_tokens(batch: int = 3, grid=GRID, dim: int = DIM, seed: int = 0) -> Tok
 
 
 def make_encoder(posenc: str = "sincos", cls_token: bool = True, depth: int = 2, backend: str = "sdpa",
-                 drop_path: float = 0.0, seed: int = 0) -> Encoder:
+                 drop_path: float = 0.0, seed: int = 0, pack_ragged: bool | None = None) -> Encoder:
     torch.manual_seed(seed)
     pe = SinCosPosEnc(DIM, 2) if posenc == "sincos" else LearnedPosEnc(DIM, GRID)
-    enc = Encoder(DIM, depth, HEADS, posenc=pe, drop_path=drop_path, attn_backend=backend, cls_token=cls_token)
+    enc = Encoder(DIM, depth, HEADS, posenc=pe, drop_path=drop_path, attn_backend=backend, cls_token=cls_token,
+                  pack_ragged=pack_ragged)
     with torch.no_grad():  # non-trivial norms, biases and class position
         for p in enc.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -129,10 +130,11 @@ def test_index_gathers_targets_and_padding():
 # (c) padding invariance
 
 
+@pytest.mark.parametrize("pack_ragged", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 @pytest.mark.parametrize("posenc,cls_token", ENCODER_VARIANTS, ids=["sincos-cls", "sincos", "learned-cls", "learned"])
-def test_padding_invariance(posenc, cls_token, backend):
-    enc = make_encoder(posenc, cls_token, backend=backend)
+def test_padding_invariance(posenc, cls_token, backend, pack_ragged):
+    enc = make_encoder(posenc, cls_token, backend=backend, pack_ragged=pack_ragged)
     full = grid_tokens(batch=2)
     n, short = full.num_tokens, 9
     g = torch.Generator().manual_seed(2)
@@ -156,6 +158,58 @@ def test_padding_invariance(posenc, cls_token, backend):
     assert close(batched.pool("mean")[1:], alone1.pool("mean"))
     if cls_token:
         assert close(batched.cls[:1], alone0.cls) and close(batched.cls[1:], alone1.cls)
+
+
+def ragged_tokens(lengths=(20, 7, 13, 1), seed: int = 3) -> Tokens:
+    """Junk-filled padding (huge values) so that any leak of it would show."""
+    tokens = grid_tokens(batch=len(lengths), seed=seed)
+    tokens.padding = torch.arange(tokens.num_tokens)[None, :] >= torch.tensor(lengths)[:, None]
+    tokens.x = torch.where(tokens.padding[..., None], 1e3 * torch.ones_like(tokens.x), tokens.x)
+    return tokens
+
+
+def test_packed_layout_round_trip():
+    keep = ~ragged_tokens().padding
+    packed = Packed.from_keep(keep)
+    x = torch.randn(*keep.shape, 5)
+    assert packed.seqlens == [20, 7, 13, 1] and packed.pack(x).shape == (1, 41, 5)
+    assert torch.equal(packed.unpack(packed.pack(x)), x * keep[..., None])
+    same = packed.block_mask(x.device)
+    assert same.sum().item() == sum(n * n for n in packed.seqlens)  # block diagonal, one block per sample
+
+
+@pytest.mark.parametrize("cls_token", [True, False], ids=["cls", "no-cls"])
+def test_packed_encoding_equals_padded_forward_and_backward(cls_token):
+    """The packed path (what xformers' block-diagonal kernel runs) against the padded SDPA path:
+    same features on real tokens, same pooled and class features, same kept layers, same gradients."""
+    tokens = ragged_tokens()
+    real = (~tokens.padding)[..., None]
+    outs, grads = [], []
+    for pack in (False, True):
+        enc = make_encoder(cls_token=cls_token, depth=3, pack_ragged=pack).train()
+        enc.grad_checkpointing = pack  # and recomputation sees the packed layout too
+        out = enc(tokens, layers=2)
+        loss = (out.tokens.x * real).pow(2).sum() + out.pool("mean").sum() + sum((y * real).sum() for y in out.layers)
+        if cls_token:
+            loss = loss + out.cls.pow(3).sum()
+        loss.backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in enc.parameters() if p.grad is not None]))
+    padded, packed = outs
+    assert close(packed.tokens.x * real, padded.tokens.x * real, atol=1e-4)
+    assert torch.equal(packed.tokens.x * ~real, torch.zeros_like(packed.tokens.x))  # nothing computed at padding
+    assert close(packed.pool("mean"), padded.pool("mean"), atol=1e-5)
+    assert all(close(a * real, b * real, atol=1e-4) for a, b in zip(packed.layers, padded.layers))
+    if cls_token:
+        assert close(packed.cls, padded.cls, atol=1e-5)
+    assert close(grads[1], grads[0], atol=1e-3) and grads[0].abs().max() > 0
+
+
+def test_xformers_packs_ragged_batches_by_default():
+    pe = SinCosPosEnc(DIM, 2)
+    assert not Encoder(DIM, 1, HEADS, posenc=pe).pack_ragged
+    if importlib.util.find_spec("xformers") is not None:
+        assert Encoder(DIM, 1, HEADS, posenc=pe, attn_backend="xformers").pack_ragged
 
 
 # --------------------------------------------------------------------------------------------
