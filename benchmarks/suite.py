@@ -19,6 +19,11 @@ Workloads (CPU sizes in parentheses):
   video  ViT-B, 16x224x224 clips (tiny, 8x64x64), tubelet 2x16x16: the encoder on the visible
          tubelets only, pooled, InfoNCE against caption embeddings (the long-video recipe's
          masked-input contrastive step), mask ratio 0 / 0.5 / 0.75 / 0.9
+  modality  each built-in modality's own config (`anymodal train default modality=X recipe=mae`,
+         model=base on CUDA): the MAE step on a real batch of its data (lidar_sweep: the pillar
+         sweep step), and next to it the data loader alone, as the trainer builds it (workers,
+         pinned memory on CUDA, persistent workers, prefetch), in samples/s; a loader slower
+         than the step starves it
   options on the dense ViT-B step: SDPA kernel, fp32, unfused AdamW, activation checkpointing,
          xformers (when installed), and torch.compile for both implementations
 """
@@ -47,6 +52,8 @@ ROWS: list[dict[str, Any]] = [
     {"name": "dense-L timm", "work": "dense", "impl": "timm", "size": "large"},
     *[{"name": f"video-B mask {r}", "work": "video", "impl": "anymodal", "size": "base", "ratio": r}
       for r in (0.0, 0.5, 0.75, 0.9)],
+    *[{"name": f"{m} mae step + loader", "work": "modality", "impl": "anymodal", "size": "base", "modality": m}
+      for m in ("image", "video", "lidar", "lidar_sweep", "audio")],
     {"name": "dense-B anymodal", "work": "dense", "impl": "anymodal", "size": "base"},
     {"name": "dense-B timm", "work": "dense", "impl": "timm", "size": "base"},
     *[{"name": f"dense-B anymodal sdpa={k}", "work": "dense", "impl": "anymodal", "size": "base", "sdpa": k}
@@ -57,6 +64,10 @@ ROWS: list[dict[str, Any]] = [
     {"name": "dense-B anymodal grad ckpt", "work": "dense", "impl": "anymodal", "size": "base", "ckpt": True},
     {"name": "dense-L anymodal compile", "work": "dense", "impl": "anymodal", "size": "large", "compile": "blocks"},
     {"name": "mae-B anymodal compile full", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full"},
+    {"name": "mae-B anymodal compile objectives", "work": "mae", "impl": "anymodal", "size": "base", "compile": "objectives"},
+    {"name": "mae-B anymodal compile full cudagraphs", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full",
+     "cuda_graphs": True},
+    {"name": "dense-L anymodal compile full", "work": "dense", "impl": "anymodal", "size": "large", "compile": "full"},
     {"name": "dense-B anymodal compile", "work": "dense", "impl": "anymodal", "size": "base", "compile": "blocks"},
     {"name": "dense-B timm compile", "work": "dense", "impl": "timm", "size": "base", "compile": "full"},
 ]
@@ -69,6 +80,7 @@ SHAPES = {
     ("video", "base"): {"gpu": ("base", (16, 224), 32), "cpu": ("tiny", (8, 64), 8)},
 }
 DECODER = {"gpu": (512, 8, 16), "cpu": (128, 4, 4)}  # MAE decoder width, depth, heads
+LOADER_WORKERS = {"gpu": 8, "cpu": 2}
 
 
 def _peak_rss_bytes() -> int:
@@ -101,6 +113,8 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
     from anymodal.core.posenc import build_posenc
     from anymodal.tokenizers.image import ImagePatchTokenizer
 
+    if row["work"] == "modality":
+        return modality_step(row, device, dev)
     size, geometry, batch = SHAPES[(row["work"], row["size"])][dev]
     dim, depth, heads = ENCODER_SIZES[size]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -176,16 +190,67 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
     return video_loss, model, batch, "clip/s"
 
 
+def _modality_parts(row: dict[str, Any], dev: str) -> tuple[Any, Any, Any, Any]:
+    """Config, components, backbone and training dataset of ``anymodal train default modality=X recipe=mae``."""
+    from anymodal.core.build import build_backbone, build_dataset, build_transforms
+    from anymodal.core.cli import load_config
+    from anymodal.core.data import AugmentedDataset
+
+    overrides = [f"modality={row['modality']}", "recipe=mae"] + (["model=base"] if dev == "gpu" else [])
+    composed, components = load_config("default", overrides)
+    cfg = composed.cfg
+    backbone = build_backbone(cfg, components)
+    key = backbone.tokenizer.input_key
+    dataset = AugmentedDataset(build_dataset(cfg, "train", components), build_transforms(cfg, components), key, 0)
+    return cfg, components, backbone, dataset
+
+
+def modality_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[], Any], Any, int, str]:
+    """A modality's MAE training step, exactly as the trainer runs it, on one batch of its data."""
+    import torch
+
+    from anymodal.core.build import build_masker, build_objectives
+    from anymodal.core.data import make_loader
+    from anymodal.core.trainer import StepForward
+
+    cfg, components, backbone, dataset = _modality_parts(row, dev)
+    stage = cfg.recipe.stages.pretrain
+    objectives, weights = build_objectives(stage, components, backbone)
+    model = StepForward(backbone, objectives, weights).to(device)
+    masker = build_masker(stage, components)
+    raw = next(iter(make_loader(dataset, cfg.data.batch_size, seed=0)))
+    raw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
+    gen = torch.Generator().manual_seed(0)
+    return lambda: model(raw, masker, gen, None)[0], model, cfg.data.batch_size, "samples/s"
+
+
+def loader_throughput(row: dict[str, Any], dev: str, batches: int = 20) -> float:
+    """Samples/s of the trainer's loader alone, after its workers have started and filled the queue once."""
+    from anymodal.core.data import make_loader
+
+    cfg, _, _, dataset = _modality_parts(row, dev)
+    loader = iter(make_loader(dataset, cfg.data.batch_size, seed=0, num_workers=LOADER_WORKERS[dev], pin_memory=dev == "gpu"))
+    for _ in range(3):
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * cfg.data.batch_size / (time.perf_counter() - start)
+
+
 def _compiled(row: dict[str, Any], model: Any, loss_fn: Callable[[], Any]) -> Callable[[], Any]:
     import torch
 
     from anymodal.core.device import compile_blocks
 
     mode = row.get("compile")
+    options = {"mode": "reduce-overhead"} if row.get("cuda_graphs") else {}  # run.cuda_graphs=true
     if mode == "blocks":  # what run.compile=blocks does in the trainer
-        compile_blocks(model)
-    elif mode == "full":  # the whole step as one graph (a peer user's torch.compile(model); run.compile=objectives)
-        return torch.compile(loss_fn)
+        compile_blocks(model, **options)
+    elif mode == "objectives":  # what run.compile=objectives does: the objective's forward, not tokenize/mask
+        model["objective"].compile(**options)
+    elif mode == "full":  # the whole step as one graph (a peer user's torch.compile(model))
+        return torch.compile(loss_fn, **options)
     return loss_fn
 
 
@@ -213,6 +278,8 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step() -> None:
+        if row.get("cuda_graphs"):
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast, sdpa_kernels(row.get("sdpa", "auto")):
             loss = loss_fn()
         opt.zero_grad(set_to_none=True)
@@ -243,10 +310,17 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if gpu else _peak_rss_bytes() - base_rss
     sec = statistics.median(times)
+    if row["work"] == "modality":
+        model_name = "base" if gpu else "tiny, 4 blocks"  # model=base on CUDA; the config's model=cpu here
+    else:
+        model_name = SHAPES[(row["work"], row["size"])][dev][0]
     out = {**row, "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
-           "model": SHAPES[(row["work"], row["size"])][dev][0], "batch": batch, "precision": precision,
+           "model": model_name, "batch": batch, "precision": precision,
            "step_ms": round(1000 * sec, 2), "throughput": round(batch / sec, 1), "unit": unit,
            "peak_mem_gib": round(peak / 2**30, 3), "warmup_s": round(warm_s, 1)}
+    if row["work"] == "modality":
+        out["loader_throughput"] = round(loader_throughput(row, dev), 1)
+        out["loader_workers"] = LOADER_WORKERS[dev]
     if flops:
         out["tflop_per_step"] = round(flops / 1e12, 4)
         out["achieved_tflops"] = round(flops / sec / 1e12, 2)
@@ -285,14 +359,16 @@ def run_rows(rows: list[dict[str, Any]], gpu: bool, steps: int, warmup: int, bud
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| workload | batch | step ms | throughput | MFU | peak mem GiB |", "|---|---|---|---|---|---|"]
+    lines = ["| workload | batch | step ms | throughput | MFU | peak mem GiB | loader alone |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | - | - | skipped: {r['skipped']} | - | - |")
+            lines.append(f"| {r['name']} | - | - | skipped: {r['skipped']} | - | - | - |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        loader = f"{r['loader_throughput']:,} {r['unit']} ({r['loader_workers']} workers)" if "loader_throughput" in r else "-"
         lines.append(f"| {r['name']} ({r['model']}) | {r['batch']} | {r['step_ms']} | {r['throughput']:,} {r['unit']} | "
-                     f"{mfu} | {r['peak_mem_gib']} |")
+                     f"{mfu} | {r['peak_mem_gib']} | {loader} |")
     return "\n".join(lines)
 
 

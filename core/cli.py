@@ -17,12 +17,13 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, compose, load_run_config, validate
 from .trainer import NonFiniteLossError
 
-__all__ = ["main"]
+__all__ = ["main", "load_config"]
 
 log = logging.getLogger("anymodal")
 
 
-def _setup(config: str, overrides: Sequence[str]):
+def load_config(config: str, overrides: Sequence[str]):
+    """What `anymodal train` runs: the composed config (plugins' defaults merged, validated) and the components."""
     composed = compose(config, overrides)
     components = load_components(composed.cfg.plugins)
     for defaults in components.configure(composed.cfg):
@@ -44,7 +45,7 @@ def train(config: str, overrides: Sequence[str], run_dir: Optional[str] = None, 
     from .device import resolve_device
     from .distributed import init_from_env, rank, shutdown
 
-    composed, components = _setup(config, overrides)
+    composed, components = load_config(config, overrides)
     cfg = composed.cfg
     folder = Path(run_dir) if run_dir else Path(cfg.run.out_dir) / cfg.run.name
     # under torchrun or a multi-task Slurm job: join the process group the environment describes
@@ -138,7 +139,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    composed, _ = _setup(args.config, args.overrides)
+    composed, _ = load_config(args.config, args.overrides)
     print(OmegaConf.to_yaml(composed.cfg, resolve=True), end="")
     return 0
 

@@ -51,12 +51,12 @@ def sdpa_kernels(name: str) -> Any:
     return sdpa_kernel(backend)
 
 
-def compile_blocks(*modules: Optional[torch.nn.Module]) -> int:
+def compile_blocks(*modules: Optional[torch.nn.Module], **options: Any) -> int:
     """``torch.compile`` each transformer block inside ``modules`` in place; returns how many.
 
     Compiling block by block (regional compilation) costs one compile per distinct block shape
     rather than one per whole model, and keeps parameter names unchanged, so checkpoints written
-    with and without compilation load into each other.
+    with and without compilation load into each other. ``options`` go to ``torch.compile``.
     """
     from .layers import Block
 
@@ -64,7 +64,7 @@ def compile_blocks(*modules: Optional[torch.nn.Module]) -> int:
     for module in modules:
         for m in [] if module is None else module.modules():
             if isinstance(m, Block):
-                m.compile()
+                m.compile(**options)
                 count += 1
     return count
 
@@ -76,12 +76,21 @@ COMPILE_MODES = ("none", "blocks", "objectives")
 
 
 def compile_for(mode: str, model: torch.nn.Module, objectives: torch.nn.ModuleDict,
-                teacher: Optional[torch.nn.Module]) -> None:
-    """Apply ``run.compile`` in place; parameter names do not change."""
+                teacher: Optional[torch.nn.Module], cuda_graphs: bool = False) -> None:
+    """Apply ``run.compile`` in place; parameter names do not change.
+
+    ``cuda_graphs`` (``run.cuda_graphs``) compiles with mode ``reduce-overhead``: each compiled
+    part is captured once per input shape and replayed as a CUDA graph, which removes the per-kernel
+    launch cost. Shapes must repeat: fixed-size inputs with a fixed mask ratio do (the maskers keep
+    the same visible count for every sample); ragged batches would capture a graph per shape.
+    """
     if mode not in COMPILE_MODES:
         raise ValueError(f"run.compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if cuda_graphs and mode == "none":
+        raise ValueError("run.cuda_graphs=true replays compiled code: set run.compile=blocks or objectives too")
+    options = {"mode": "reduce-overhead"} if cuda_graphs else {}
     if mode == "blocks":
-        compile_blocks(model, teacher)
+        compile_blocks(model, teacher, **options)
     elif mode == "objectives":
         for objective in objectives.values():
-            objective.compile()
+            objective.compile(**options)

@@ -27,6 +27,7 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
     compile: str = "none"  # none | blocks (each transformer block) | objectives (each objective's whole forward)
+    cuda_graphs: bool = False  # compiled parts replay as CUDA graphs (torch.compile mode reduce-overhead); needs run.compile
     sdpa_kernel: str = "auto"  # auto | flash | cudnn | efficient | math (see core.device.sdpa_kernels)
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard): how several processes (torchrun, Slurm tasks) split the work
 

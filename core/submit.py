@@ -90,12 +90,12 @@ def submit(config: str, overrides: Sequence[str], sweeps: Sequence[str] = (), ru
     is queued. Run folders: ``run_dir`` (default ``run.out_dir/run.name``), and one sub-folder per
     variant for a sweep; submitit's scripts and logs go to ``<folder>/slurm/<job id>_*``.
     """
-    from .cli import _setup
+    from .cli import load_config
 
     variants = expand_sweep(sweeps)
     jobs, launcher, root = [], None, None
     for extra in variants:
-        cfg = _setup(config, [*overrides, *extra])[0].cfg
+        cfg = load_config(config, [*overrides, *extra])[0].cfg
         if root is None:
             root = Path(run_dir) if run_dir else Path(cfg.run.out_dir) / cfg.run.name
             launcher = cfg.launcher

@@ -234,7 +234,7 @@ class Trainer:
             step = int(state["step"])
         if step >= total:
             return
-        compile_for(cfg.run.compile, model, objectives, teacher)
+        compile_for(cfg.run.compile, model, objectives, teacher, cfg.run.cuda_graphs)
         forward = parallelize(cfg.run.parallel, self.world, model, teacher)
         optimizer = build_optimizer(model, stage.optim, self.device)  # after sharding: FSDP swaps the parameters
         if shards is not None:
@@ -297,6 +297,8 @@ class Trainer:
         # each rank masks its own share of the batch: the mask stream depends on the rank too
         seed_parts = (self.cfg.run.seed, index, step, 1) + ((self.rank,) if self.world > 1 else ())
         generator = torch.Generator().manual_seed(mix_seed(*seed_parts))
+        if self.cfg.run.cuda_graphs:  # a new step: graph outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast(), sdpa_kernels(self.cfg.run.sdpa_kernel):
             loss, metrics = forward(raw, masker, generator, teacher)
         # objectives may report tensors: one sync here, which also averages over ranks

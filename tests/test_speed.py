@@ -72,6 +72,8 @@ def test_compile_modes_choose_what_is_compiled():
     compile_for("blocks", model, objectives, None)
     blocks = [m for m in [*student.modules(), *objectives.modules()] if isinstance(m, Block)]
     assert len(blocks) == 3 and all(compiled(b) for b in blocks)
+    with pytest.raises(ValueError, match="run.cuda_graphs=true replays compiled code: set run.compile"):
+        compile_for("none", model, objectives, None, cuda_graphs=True)
 
 
 @pytest.mark.timeout(600)
