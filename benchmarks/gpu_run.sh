@@ -1,13 +1,15 @@
 #!/bin/bash
 # Everything this project checks and times on a lent GPU, in one call of the device tool:
-#   run: command="bash benchmarks/gpu_run.sh", carry=[".whl"]  (.whl: wheels of omegaconf and
-#   antlr4-python3-runtime, which that machine lacks; see the device tool's README)
+#   bash benchmarks/gpu_wheels.sh   (here, once: the wheels that machine lacks, into .whl)
+#   run: command="bash benchmarks/gpu_run.sh", carry=[".whl"]
 # Results land in $OUT: nvidia-smi.txt, gpu_checks.txt, train.txt, suite.json, suite.txt.
 set -u
 OUT=${OUT:-/tmp/anymodal-gpu}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  for w in .whl/*.whl; do  # one at a time: a wheel that does not fit that Python skips only its rows
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$w" || echo "could not install $w"
+  done
 fi
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/anymodal  # the repository root is the package
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1
