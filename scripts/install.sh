@@ -58,3 +58,25 @@ build_spoken_digits() {
     || echo "warning: could not build the spoken digits in $dest; the spoken_digits dataset reads its small copy" >&2
 }
 build_spoken_digits
+
+# Real recorded speech for format and smoke tests (the `speech_sample` dataset): the 30 s
+# two-speaker sample and its transcript that the pyannote.audio 4.0.7 wheel ships, checked by SHA-256.
+fetch_speech_sample() {
+  local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/audio/speech_sample" tmp f ok=1
+  local -A sums=([sample.wav]=c319b4abca767b124e41432d364fd7df006cb26bb79d09326c487d606a134e6e
+                 [sample.stm]=f861f3004927e1c4429199f9695bfd252def75d7d5e4bdf735d3d85fd4a667f7)
+  for f in "${!sums[@]}"; do [ -f "$dest/$f" ] && sha256_is "$dest/$f" "${sums[$f]}" || ok=0; done
+  [ "$ok" = 1 ] && return 0
+  tmp=$(mktemp -d)
+  if "$PY" -m pip download --quiet --disable-pip-version-check --no-deps "pyannote.audio==4.0.7" -d "$tmp" \
+      && "$PY" -m zipfile -e "$tmp"/pyannote_audio-4.0.7-*.whl "$tmp/x" \
+      && sha256_is "$tmp/x/pyannote/audio/sample/sample.wav" "${sums[sample.wav]}" \
+      && sha256_is "$tmp/x/pyannote/audio/sample/sample.stm" "${sums[sample.stm]}" \
+      && mkdir -p "$dest" && cp "$tmp/x/pyannote/audio/sample/sample.stm" "$tmp/x/pyannote/audio/sample/sample.wav" "$dest/"; then
+    echo "real speech sample: $dest"
+  else
+    echo "warning: could not fetch the real speech sample (pyannote.audio==4.0.7 wheel); the speech_sample dataset is unavailable" >&2
+  fi
+  rm -rf "$tmp"
+}
+fetch_speech_sample

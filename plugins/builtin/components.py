@@ -19,7 +19,7 @@ from ...tokenizers.text import ByteTextTokenizer, ClipBpeTokenizer
 from ...tokenizers.video import TubeletTokenizer
 from .. import hookimpl
 from . import (audio_data, image_data, image_transforms, lidar_data, lidar_scenes, moving_digits, point_transforms,
-               video_data)
+               real_speech, video_data)
 
 
 @hookimpl
@@ -45,6 +45,7 @@ def register_datasets():
         "lidar_sweeps": lidar_scenes.LidarSweepsDataset,
         "audio_manifest": audio_data.AudioManifestDataset,
         "spoken_digits": audio_data.SpokenDigitsDataset,
+        "speech_sample": real_speech.SpeechSampleDataset,
     }
 
 
