@@ -56,9 +56,10 @@ ROWS: list[dict[str, Any]] = [
       for m in ("image", "video", "lidar", "lidar_sweep", "audio")],
     {"name": "dense-B anymodal", "work": "dense", "impl": "anymodal", "size": "base"},
     {"name": "dense-B timm", "work": "dense", "impl": "timm", "size": "base"},
-    *[{"name": f"dense-B anymodal sdpa={k}", "work": "dense", "impl": "anymodal", "size": "base", "sdpa": k}
-      for k in ("flash", "cudnn", "efficient", "math")],
-    {"name": "dense-B anymodal xformers", "work": "dense", "impl": "anymodal", "size": "base", "attn": "xformers"},
+    *[{"name": f"dense-B anymodal sdpa={k}", "work": "dense", "impl": "anymodal", "size": "base", "sdpa": k,
+       "gpu_only": k != "math"} for k in ("flash", "cudnn", "efficient", "math")],
+    {"name": "dense-B anymodal xformers", "work": "dense", "impl": "anymodal", "size": "base", "attn": "xformers",
+     "gpu_only": True},
     {"name": "dense-B anymodal fp32", "work": "dense", "impl": "anymodal", "size": "base", "precision": "fp32"},
     {"name": "dense-B anymodal unfused AdamW", "work": "dense", "impl": "anymodal", "size": "base", "fused": False},
     {"name": "dense-B anymodal grad ckpt", "work": "dense", "impl": "anymodal", "size": "base", "ckpt": True},
@@ -66,7 +67,7 @@ ROWS: list[dict[str, Any]] = [
     {"name": "mae-B anymodal compile full", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full"},
     {"name": "mae-B anymodal compile objectives", "work": "mae", "impl": "anymodal", "size": "base", "compile": "objectives"},
     {"name": "mae-B anymodal compile full cudagraphs", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full",
-     "cuda_graphs": True},
+     "cuda_graphs": True, "gpu_only": True},
     {"name": "dense-L anymodal compile full", "work": "dense", "impl": "anymodal", "size": "large", "compile": "full"},
     {"name": "dense-B anymodal compile", "work": "dense", "impl": "anymodal", "size": "base", "compile": "blocks"},
     {"name": "dense-B timm compile", "work": "dense", "impl": "timm", "size": "base", "compile": "full"},
@@ -338,6 +339,9 @@ def run_rows(rows: list[dict[str, Any]], gpu: bool, steps: int, warmup: int, bud
     for row in rows:
         if time.perf_counter() - start > budget:
             results.append({**row, "skipped": f"over the {budget:.0f} s budget"})
+            continue
+        if row.get("gpu_only") and not gpu:  # CUDA kernels, or CUDA graphs: nothing to time on a CPU
+            results.append({**row, "skipped": "CUDA only"})
             continue
         cmd = [sys.executable, __file__, "--one", json.dumps(row), "--steps", str(steps), "--warmup", str(warmup),
                "--ceiling", str(ceiling)] + (["--gpu"] if gpu else [])
