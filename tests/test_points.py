@@ -122,6 +122,29 @@ def test_pillar_assignment_and_pooling_equal_a_python_loop():
         torch.testing.assert_close(scatter_pool(feats, a.pillar, a.num_pillars, "mean")[j], rows.mean(0))
 
 
+def test_linear_max_pool_chunked_and_whole_agree_with_gradients():
+    """The pillar encoder's linear + max-pool: chunked in place without autograd, one scatter with
+    it; both equal the plain scatter of the full activations, and the gradients match too."""
+    from anymodal.tokenizers.pillars import _POOL_CHUNK, _linear_max_pool
+
+    g = torch.Generator().manual_seed(3)
+    points, pillars = 2 * _POOL_CHUNK + 123, 300
+    feats = torch.randn(points, 9, generator=g, requires_grad=True)
+    weight = torch.randn(16, 9, generator=g, requires_grad=True)
+    pillar = torch.cat([torch.arange(pillars), torch.randint(0, pillars, (points - pillars,), generator=g)])
+    pillar = pillar[torch.randperm(points, generator=g)]
+    reference = scatter_pool(feats @ weight.t(), pillar, pillars, "amax")
+    with torch.no_grad():
+        torch.testing.assert_close(_linear_max_pool(feats, weight, pillar, pillars), reference.detach())
+    pooled = _linear_max_pool(feats, weight, pillar, pillars)
+    torch.testing.assert_close(pooled, reference)
+    upstream = torch.randn(pillars, 16, generator=g)
+    want = torch.autograd.grad((reference * upstream).sum(), (feats, weight))
+    got = torch.autograd.grad((pooled * upstream).sum(), (feats, weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def _chamfer_reference(pred, target, valid, kind):
     total, groups = 0.0, 0
     for p, t, v in zip(pred.reshape(-1, *pred.shape[-2:]).tolist(), target.reshape(-1, *target.shape[-2:]).tolist(),
