@@ -125,6 +125,7 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
         tokenizer = ImagePatchTokenizer(dim, image_size=side, patch_size=16, channels=3)
         posenc = build_posenc("learned", dim, 2, tokenizer.grid_size)  # timm's ViT learns its table too
         encoder = Encoder(dim, depth, heads, posenc, attn_backend=attn, grad_checkpointing=row.get("ckpt", False))
+        tokenizer.make_targets = row["work"] == "mae"  # as the trainer sets it: only reconstruction reads targets
         return Backbone(tokenizer, encoder, pool="cls")
 
     if row["work"] == "dense":
@@ -175,6 +176,7 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
 
     frames, side = geometry
     tokenizer = TubeletTokenizer(dim, frames=frames, image_size=side, tubelet=(2, 16, 16), channels=3)
+    tokenizer.make_targets = False  # a contrastive step reads no reconstruction targets
     backbone = Backbone(tokenizer, Encoder(dim, depth, heads, build_posenc("sincos", dim, 3), attn_backend=attn))
     proj = torch.nn.Linear(dim, 512)
     model = torch.nn.ModuleDict({"backbone": backbone, "proj": proj}).to(device)

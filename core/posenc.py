@@ -6,6 +6,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["SinCosPosEnc", "LearnedPosEnc", "MlpPosEnc", "build_posenc", "sincos_1d"]
@@ -54,7 +55,9 @@ class LearnedPosEnc(nn.Module):
         self.register_buffer("strides", torch.tensor(strides, dtype=torch.long), persistent=False)
 
     def forward(self, pos: Tensor) -> Tensor:
-        return self.table[(pos.long() * self.strides).sum(-1)]
+        # embedding rather than indexing: same rows, and its backward is a fast dense sum (indexing's
+        # accumulate-scatter took 1 ms of a 175 ms ViT-Tiny CPU step)
+        return F.embedding((pos.long() * self.strides).sum(-1), self.table)
 
 
 class MlpPosEnc(nn.Module):

@@ -215,6 +215,8 @@ class Trainer:
             teacher.to(self.device)
         objectives, weights = build_objectives(stage, self.components, self.backbone, teacher)
         objectives.to(self.device)
+        if hasattr(self.backbone.tokenizer, "make_targets"):  # skip reconstruction targets no objective reads
+            self.backbone.tokenizer.make_targets = any(getattr(o, "needs_targets", False) for o in objectives.values())
         masker = build_masker(stage, self.components)
         batch_size = stage.batch_size or cfg.data.batch_size
         dataset = AugmentedDataset(build_dataset(cfg, "train", self.components), build_transforms(cfg, self.components),

@@ -37,6 +37,7 @@ class MaskedPixel(nn.Module):
     """
 
     needs_mask = True
+    needs_targets = True  # reads Tokens.targets
 
     def __init__(self, dim: int, tokenizer: nn.Module, decoder_dim: int = 128, decoder_depth: int = 2,
                  decoder_heads: int = 4, posenc: str = "sincos", loss: str = "mse", attn_backend: str = "sdpa") -> None:
@@ -63,6 +64,9 @@ class MaskedPixel(nn.Module):
     def forward(self, batch: Batch, student: Any, teacher: Any = None) -> ObjectiveOutput:
         if batch.mask is None:
             raise ValueError("masked_pixel needs a masker in its stage (stage.masker)")
+        if batch.tokens.targets is None:
+            raise ValueError(f"masked_pixel got no reconstruction targets from {type(student.tokenizer).__name__} "
+                             "(its make_targets is off, or it makes none)")
         pred = self.reconstruct(batch, student).float()
         target = gather_tokens(batch.tokens.targets, batch.mask.target).float()
         own_loss = getattr(student.tokenizer, "reconstruction_loss", None)

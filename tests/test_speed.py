@@ -93,3 +93,37 @@ def test_compiled_checkpointed_run_trains_and_writes_plain_parameter_names(tmp_p
     fast_state = load_checkpoint(fast / "checkpoints" / "last.pt")["backbone"]
     plain_state = load_checkpoint(plain / "checkpoints" / "last.pt")["backbone"]
     assert fast_state.keys() == plain_state.keys()
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "audio"])
+def test_tokenizers_skip_targets_when_told_and_nothing_else_changes(kind):
+    from anymodal.tokenizers.audio import SpectrogramPatchTokenizer
+    from anymodal.tokenizers.image import ImagePatchTokenizer
+    from anymodal.tokenizers.video import TubeletTokenizer
+
+    torch.manual_seed(0)
+    tokenizer, raw = {
+        "image": (ImagePatchTokenizer(16, image_size=8, patch_size=4, channels=1), (torch.randn(2, 1, 8, 8),)),
+        "video": (TubeletTokenizer(16, frames=4, image_size=8, tubelet=(2, 4, 4), channels=1), (torch.randn(2, 1, 4, 8, 8),)),
+        "audio": (SpectrogramPatchTokenizer(16, max_seconds=1.0), (0.1 * torch.randn(2, 16000),)),
+    }[kind]
+    full = tokenizer(*raw)
+    tokenizer.make_targets = False
+    lean = tokenizer(*raw)
+    assert full.targets is not None and lean.targets is None
+    assert torch.equal(full.x, lean.x) and torch.equal(full.pos, lean.pos)
+
+
+def test_trainer_makes_targets_only_for_stages_that_read_them(tmp_path):
+    """A contrastive stage turns the tokenizer's targets off; a masked-reconstruction stage needs them."""
+    from anymodal.core.cli import load_config
+    from anymodal.core.trainer import Trainer
+    from anymodal.objectives.masked_pixel import MaskedPixel
+
+    for recipe, wanted in (("clip", False), ("mae", True)):
+        composed, components = load_config("tiny-test", [f"recipe={recipe}", "recipe.stages.*.steps=1",
+                                                         "run.progress=false", "run.tensorboard=false"])
+        trainer = Trainer(composed.cfg, components, tmp_path / recipe)
+        trainer.run()
+        assert trainer.backbone.tokenizer.make_targets is wanted, recipe
+    assert MaskedPixel.needs_targets

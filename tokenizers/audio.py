@@ -108,6 +108,7 @@ class _SpectrogramTokenizer(nn.Module):
                  frontend: Optional[dict[str, Any]]) -> None:
         super().__init__()
         self.dim, self.input_key, self.norm_targets = dim, input_key, norm_targets
+        self.make_targets = True  # the trainer turns it off when no objective of the stage reads targets
         self.frontend = LogMelFrontend(sample_rate, n_mels, **(frontend or {}))
         self.patch_t, self.patch_f = patch
         if n_mels % self.patch_f:
@@ -136,6 +137,9 @@ class _SpectrogramTokenizer(nn.Module):
         # a clip shorter than one patch keeps one token (partly silence) rather than none
         counts = torch.clamp(self.frontend.num_frames(samples) // self.patch_t, min=1)
         return spec[:, :whole * self.patch_t], counts
+
+    def _targets(self, patches: Tensor) -> Tensor:
+        return normalize_per_token(patches) if self.norm_targets else patches
 
     def _check(self, wave: Tensor) -> None:
         if wave.dim() != 2:
@@ -194,9 +198,8 @@ class SpectrogramPatchTokenizer(_SpectrogramTokenizer):
         grid = (spec.shape[1] // self.patch_t, spec.shape[2] // self.patch_f)
         pos = grid_positions(grid, x.shape[0], x.device)
         token_padding = pos[..., 0] >= counts[:, None]
-        targets = self.patches(spec)
         return Tokens(x=x, pos=pos, padding=token_padding if bool(token_padding.any()) else None, grid=grid,
-                      targets=normalize_per_token(targets) if self.norm_targets else targets, modality="audio")
+                      targets=self._targets(self.patches(spec)) if self.make_targets else None, modality="audio")
 
 
 class SpectrogramFrameTokenizer(_SpectrogramTokenizer):
@@ -227,4 +230,4 @@ class SpectrogramFrameTokenizer(_SpectrogramTokenizer):
         pos = grid_positions(grid, b, x.device)
         token_padding = pos[..., 0] >= counts[:, None]
         return Tokens(x=x, pos=pos, padding=token_padding if bool(token_padding.any()) else None, grid=grid,
-                      targets=normalize_per_token(targets) if self.norm_targets else targets, modality="audio")
+                      targets=self._targets(targets) if self.make_targets else None, modality="audio")

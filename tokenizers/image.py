@@ -49,6 +49,7 @@ class ImagePatchTokenizer(nn.Module):
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.dim, self.image_size, self.patch_size, self.channels = dim, image_size, patch_size, channels
         self.norm_targets, self.input_key = norm_targets, input_key
+        self.make_targets = True  # the trainer turns it off when no objective of the stage reads targets
         self.grid_size = (image_size // patch_size, image_size // patch_size)
         self.target_dim = patch_size * patch_size * channels
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
@@ -63,7 +64,8 @@ class ImagePatchTokenizer(nn.Module):
         x = self.proj(images).flatten(2).transpose(1, 2)
         gh, gw = h // self.patch_size, w // self.patch_size
         pos = grid_positions((gh, gw), x.shape[0], x.device)
-        return Tokens(x=x, pos=pos, grid=(gh, gw), targets=self.targets(images), modality="image")
+        return Tokens(x=x, pos=pos, grid=(gh, gw), targets=self.targets(images) if self.make_targets else None,
+                      modality="image")
 
     def targets(self, images: Tensor) -> Tensor:
         t = patchify(images.float(), self.patch_size)

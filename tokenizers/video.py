@@ -131,6 +131,7 @@ class TubeletTokenizer(nn.Module):
         _check_divisible((frames, image_size, image_size), self.tubelet)
         self.dim, self.frames, self.image_size, self.channels = dim, frames, image_size, channels
         self.norm_targets, self.input_key = norm_targets, input_key
+        self.make_targets = True  # the trainer turns it off when no objective of the stage reads targets
         self.grid_size = (frames // tt, image_size // th, image_size // tw)
         self.target_dim = tt * th * tw * channels
         self.proj = nn.Conv3d(channels, dim, kernel_size=self.tubelet, stride=self.tubelet)
@@ -143,7 +144,8 @@ class TubeletTokenizer(nn.Module):
         x = self.proj(video).flatten(2).transpose(1, 2)  # [B, N, D], (t, h, w) row-major
         grid = tuple(s // p for s, p in zip(video.shape[2:], self.tubelet))
         pos = grid_positions(grid, x.shape[0], x.device)
-        return Tokens(x=x, pos=pos, grid=grid, targets=self.targets(video), modality="video")
+        return Tokens(x=x, pos=pos, grid=grid, targets=self.targets(video) if self.make_targets else None,
+                      modality="video")
 
     def targets(self, video: Tensor) -> Tensor:
         """Per-tubelet pixels ``[B, N, target_dim]``, normalized per tubelet if ``norm_targets``."""
