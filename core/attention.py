@@ -45,6 +45,7 @@ class Packed:
     seqlens: list[int]
     shape: tuple[int, int]
     _xformers_bias: Any = field(default=None, repr=False)
+    _block_mask: Optional[Tensor] = field(default=None, repr=False)
 
     @classmethod
     def from_keep(cls, keep: Tensor) -> "Packed":
@@ -63,9 +64,11 @@ class Packed:
 
     def block_mask(self, device: torch.device) -> Tensor:
         """``[T, T]`` True where query and key are in the same sample: the explicit, O(T^2) form."""
-        sample = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device),
-                                         torch.tensor(self.seqlens, device=device))
-        return sample[:, None] == sample[None, :]
+        if self._block_mask is None:  # built once, shared by every block
+            sample = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device),
+                                             torch.tensor(self.seqlens, device=device))
+            self._block_mask = sample[:, None] == sample[None, :]
+        return self._block_mask
 
     def xformers_bias(self) -> Any:
         if self._xformers_bias is None:  # built once, shared by every block
