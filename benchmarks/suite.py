@@ -44,18 +44,26 @@ HERE = Path(__file__).resolve().parent
 
 # name: workload, implementation, options. Sizes and batches per device are in SHAPES.
 ROWS: list[dict[str, Any]] = [
+    # the floors first (MAE vs the peer eager and compiled, ViT-L MFU, video masking), then the rest
     {"name": "mae-B anymodal", "work": "mae", "impl": "anymodal", "size": "base"},
     {"name": "mae-B timm", "work": "mae", "impl": "timm", "size": "base"},
-    {"name": "mae-B anymodal compile", "work": "mae", "impl": "anymodal", "size": "base", "compile": "blocks"},
+    {"name": "mae-B anymodal compile full", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full"},
     {"name": "mae-B timm compile", "work": "mae", "impl": "timm", "size": "base", "compile": "full"},
     {"name": "dense-L anymodal", "work": "dense", "impl": "anymodal", "size": "large"},
+    {"name": "dense-L anymodal compile full", "work": "dense", "impl": "anymodal", "size": "large", "compile": "full"},
     {"name": "dense-L timm", "work": "dense", "impl": "timm", "size": "large"},
     *[{"name": f"video-B mask {r}", "work": "video", "impl": "anymodal", "size": "base", "ratio": r}
       for r in (0.0, 0.5, 0.75, 0.9)],
+    {"name": "mae-B anymodal compile", "work": "mae", "impl": "anymodal", "size": "base", "compile": "blocks"},
+    {"name": "mae-B anymodal compile objectives", "work": "mae", "impl": "anymodal", "size": "base", "compile": "objectives"},
+    {"name": "mae-B anymodal compile full cudagraphs", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full",
+     "cuda_graphs": True, "gpu_only": True},
     *[{"name": f"{m} mae step + loader", "work": "modality", "impl": "anymodal", "size": "base", "modality": m}
       for m in ("image", "video", "lidar", "lidar_sweep", "audio")],
     {"name": "dense-B anymodal", "work": "dense", "impl": "anymodal", "size": "base"},
     {"name": "dense-B timm", "work": "dense", "impl": "timm", "size": "base"},
+    {"name": "dense-B anymodal compile", "work": "dense", "impl": "anymodal", "size": "base", "compile": "blocks"},
+    {"name": "dense-B timm compile", "work": "dense", "impl": "timm", "size": "base", "compile": "full"},
     *[{"name": f"dense-B anymodal sdpa={k}", "work": "dense", "impl": "anymodal", "size": "base", "sdpa": k,
        "gpu_only": k != "math"} for k in ("flash", "cudnn", "efficient", "math")],
     {"name": "dense-B anymodal xformers", "work": "dense", "impl": "anymodal", "size": "base", "attn": "xformers",
@@ -64,13 +72,6 @@ ROWS: list[dict[str, Any]] = [
     {"name": "dense-B anymodal unfused AdamW", "work": "dense", "impl": "anymodal", "size": "base", "fused": False},
     {"name": "dense-B anymodal grad ckpt", "work": "dense", "impl": "anymodal", "size": "base", "ckpt": True},
     {"name": "dense-L anymodal compile", "work": "dense", "impl": "anymodal", "size": "large", "compile": "blocks"},
-    {"name": "mae-B anymodal compile full", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full"},
-    {"name": "mae-B anymodal compile objectives", "work": "mae", "impl": "anymodal", "size": "base", "compile": "objectives"},
-    {"name": "mae-B anymodal compile full cudagraphs", "work": "mae", "impl": "anymodal", "size": "base", "compile": "full",
-     "cuda_graphs": True, "gpu_only": True},
-    {"name": "dense-L anymodal compile full", "work": "dense", "impl": "anymodal", "size": "large", "compile": "full"},
-    {"name": "dense-B anymodal compile", "work": "dense", "impl": "anymodal", "size": "base", "compile": "blocks"},
-    {"name": "dense-B timm compile", "work": "dense", "impl": "timm", "size": "base", "compile": "full"},
 ]
 
 # (gpu, cpu): encoder size, image side / (frames, side), batch
