@@ -31,6 +31,7 @@ Workloads (CPU sizes in parentheses):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -194,13 +195,14 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
     return video_loss, model, batch, "clip/s"
 
 
-def _modality_parts(row: dict[str, Any], dev: str) -> tuple[Any, Any, Any, Any]:
+@functools.lru_cache(maxsize=None)  # the step, the loader and the row's label share one build
+def _modality_parts(modality: str, dev: str) -> tuple[Any, Any, Any, Any]:
     """Config, components, backbone and training dataset of ``anymodal train default modality=X recipe=mae``."""
     from anymodal.core.build import build_backbone, build_dataset, build_transforms
     from anymodal.core.cli import load_config
     from anymodal.core.data import AugmentedDataset
 
-    overrides = [f"modality={row['modality']}", "recipe=mae"] + (["model=base"] if dev == "gpu" else [])
+    overrides = [f"modality={modality}", "recipe=mae"] + (["model=base"] if dev == "gpu" else [])
     composed, components = load_config("default", overrides)
     cfg = composed.cfg
     backbone = build_backbone(cfg, components)
@@ -217,7 +219,7 @@ def modality_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[
     from anymodal.core.data import make_loader
     from anymodal.core.trainer import StepForward
 
-    cfg, components, backbone, dataset = _modality_parts(row, dev)
+    cfg, components, backbone, dataset = _modality_parts(row["modality"], dev)
     stage = cfg.recipe.stages.pretrain
     objectives, weights = build_objectives(stage, components, backbone)
     model = StepForward(backbone, objectives, weights).to(device)
@@ -232,7 +234,7 @@ def loader_throughput(row: dict[str, Any], dev: str, batches: int = 20) -> float
     """Samples/s of the trainer's loader alone, after its workers have started and filled the queue once."""
     from anymodal.core.data import make_loader
 
-    cfg, _, _, dataset = _modality_parts(row, dev)
+    cfg, _, _, dataset = _modality_parts(row["modality"], dev)
     loader = iter(make_loader(dataset, cfg.data.batch_size, seed=0, num_workers=LOADER_WORKERS[dev], pin_memory=dev == "gpu"))
     for _ in range(3):
         next(loader)
@@ -315,7 +317,10 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
     peak = torch.cuda.max_memory_allocated() if gpu else _peak_rss_bytes() - base_rss
     sec = statistics.median(times)
     if row["work"] == "modality":
-        model_name = "base" if gpu else "tiny, 4 blocks"  # model=base on CUDA; the config's model=cpu here
+        from anymodal.core.build import encoder_shape
+
+        model_cfg = _modality_parts(row["modality"], dev)[0].model
+        model_name = f"{model_cfg.size}, {encoder_shape(model_cfg)[1]} blocks"
     else:
         model_name = SHAPES[(row["work"], row["size"])][dev][0]
     out = {**row, "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
