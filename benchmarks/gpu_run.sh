@@ -2,7 +2,7 @@
 # Everything this project checks and times on a lent GPU, in one call of the device tool:
 #   bash benchmarks/gpu_wheels.sh   (here, once: the wheels that machine lacks, into .whl)
 #   run: command="bash benchmarks/gpu_run.sh", carry=[".whl"]
-# Results land in $OUT: nvidia-smi.txt, gpu_checks.txt, train.txt, suite.json, suite.txt.
+# Results land in $OUT: nvidia-smi.txt, gpu_checks.txt, lidar_ops.txt, train.txt, suite.json, suite.txt (with the ViT-L profiles).
 set -u
 OUT=${OUT:-/tmp/anymodal-gpu}
 mkdir -p "$OUT"
@@ -16,7 +16,9 @@ export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/nvidia-smi.txt"
 python3 benchmarks/gpu_checks.py 2>&1 | tee "$OUT/gpu_checks.txt"
+timeout 120 python3 benchmarks/lidar_ops.py --gpu 2>&1 | tee "$OUT/lidar_ops.txt"
 timeout 150 python3 -m anymodal train tiny-test --run-dir /tmp/gpu-train run.device=cuda run.progress=false \
   recipe.stages.pretrain.steps=60 2>&1 | tail -4 | tee "$OUT/train.txt"
 tail -2 /tmp/gpu-train/metrics.jsonl | tee -a "$OUT/train.txt"
-python3 benchmarks/suite.py --gpu --budget "${BUDGET:-440}" --json "$OUT/suite.json" 2>&1 | tee "$OUT/suite.txt"
+# the ViT-L rows (the MFU floor) are profiled too: where their step time goes, kernel by kernel
+python3 benchmarks/suite.py --gpu --budget "${BUDGET:-440}" --json "$OUT/suite.json" --profile "dense-L anymodal" 2>&1 | tee "$OUT/suite.txt"

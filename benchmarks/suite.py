@@ -61,6 +61,9 @@ ROWS: list[dict[str, Any]] = [
      "cuda_graphs": True, "gpu_only": True},
     *[{"name": f"{m} mae step + loader", "work": "modality", "impl": "anymodal", "size": "base", "modality": m}
       for m in ("image", "video", "lidar", "lidar_sweep", "audio")],
+    # ragged sweeps packed into one sequence through xformers' block-diagonal kernel, against the padded row above
+    {"name": "lidar_sweep mae step, xformers packed", "work": "modality", "impl": "anymodal", "size": "base",
+     "modality": "lidar_sweep", "attn": "xformers", "overrides": ["model.attn_backend=xformers"], "gpu_only": True},
     {"name": "dense-B anymodal", "work": "dense", "impl": "anymodal", "size": "base"},
     {"name": "dense-B timm", "work": "dense", "impl": "timm", "size": "base"},
     {"name": "dense-B anymodal compile", "work": "dense", "impl": "anymodal", "size": "base", "compile": "blocks"},
@@ -196,19 +199,24 @@ def build_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[],
 
 
 @functools.lru_cache(maxsize=None)  # the step, the loader and the row's label share one build
-def _modality_parts(modality: str, dev: str) -> tuple[Any, Any, Any, Any]:
-    """Config, components, backbone and training dataset of ``anymodal train default modality=X recipe=mae``."""
+def _modality_parts(modality: str, dev: str, extra: tuple[str, ...] = ()) -> tuple[Any, Any, Any, Any]:
+    """Config, components, backbone and training dataset of ``anymodal train default modality=X recipe=mae``
+    (and ``extra`` overrides)."""
     from anymodal.core.build import build_backbone, build_dataset, build_transforms
     from anymodal.core.cli import load_config
     from anymodal.core.data import AugmentedDataset
 
-    overrides = [f"modality={modality}", "recipe=mae"] + (["model=base"] if dev == "gpu" else [])
+    overrides = [f"modality={modality}", "recipe=mae"] + (["model=base"] if dev == "gpu" else []) + list(extra)
     composed, components = load_config("default", overrides)
     cfg = composed.cfg
     backbone = build_backbone(cfg, components)
     key = backbone.tokenizer.input_key
     dataset = AugmentedDataset(build_dataset(cfg, "train", components), build_transforms(cfg, components), key, 0)
     return cfg, components, backbone, dataset
+
+
+def _row_parts(row: dict[str, Any], dev: str) -> tuple[Any, Any, Any, Any]:
+    return _modality_parts(row["modality"], dev, tuple(row.get("overrides", ())))
 
 
 def modality_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[], Any], Any, int, str]:
@@ -219,7 +227,7 @@ def modality_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[
     from anymodal.core.data import make_loader
     from anymodal.core.trainer import StepForward
 
-    cfg, components, backbone, dataset = _modality_parts(row["modality"], dev)
+    cfg, components, backbone, dataset = _row_parts(row, dev)
     stage = cfg.recipe.stages.pretrain
     objectives, weights = build_objectives(stage, components, backbone)
     model = StepForward(backbone, objectives, weights).to(device)
@@ -234,7 +242,7 @@ def loader_throughput(row: dict[str, Any], dev: str, batches: int = 20) -> float
     """Samples/s of the trainer's loader alone, after its workers have started and filled the queue once."""
     from anymodal.core.data import make_loader
 
-    cfg, _, _, dataset = _modality_parts(row["modality"], dev)
+    cfg, _, _, dataset = _row_parts(row, dev)
     loader = iter(make_loader(dataset, cfg.data.batch_size, seed=0, num_workers=LOADER_WORKERS[dev], pin_memory=dev == "gpu"))
     for _ in range(3):
         next(loader)
@@ -260,7 +268,7 @@ def _compiled(row: dict[str, Any], model: Any, loss_fn: Callable[[], Any]) -> Ca
     return loss_fn
 
 
-def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: float) -> dict[str, Any]:
+def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: float, profile: bool = False) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -298,6 +306,7 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
             loss = loss_fn()
         loss.backward()
     flops = counter.get_total_flops()
+    flop_counts = counter.get_flop_counts()
     opt.zero_grad(set_to_none=True)
     loss_fn = _compiled(row, model, loss_fn)
     t0 = time.perf_counter()
@@ -319,7 +328,7 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
     if row["work"] == "modality":
         from anymodal.core.build import encoder_shape
 
-        model_cfg = _modality_parts(row["modality"], dev)[0].model
+        model_cfg = _row_parts(row, dev)[0].model
         model_name = f"{model_cfg.size}, {encoder_shape(model_cfg)[1]} blocks"
     else:
         model_name = SHAPES[(row["work"], row["size"])][dev][0]
@@ -327,9 +336,13 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
            "model": model_name, "batch": batch, "precision": precision,
            "step_ms": round(1000 * sec, 2), "throughput": round(batch / sec, 1), "unit": unit,
            "peak_mem_gib": round(peak / 2**30, 3), "warmup_s": round(warm_s, 1)}
-    if row["work"] == "modality":
+    if row["work"] == "modality" and not row.get("overrides"):  # a variant's loader is its modality row's
         out["loader_throughput"] = round(loader_throughput(row, dev), 1)
         out["loader_workers"] = LOADER_WORKERS[dev]
+    if profile:
+        from step_profile import flops_by_category, profile_step
+
+        out["profile"] = profile_step(step, gpu, sec, flops_by_category(flop_counts), ceiling)
     if flops:
         out["tflop_per_step"] = round(flops / 1e12, 4)
         out["achieved_tflops"] = round(flops / sec / 1e12, 2)
@@ -339,7 +352,7 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
 
 
 def run_rows(rows: list[dict[str, Any]], gpu: bool, steps: int, warmup: int, budget: float,
-             json_path: str | None) -> list[dict[str, Any]]:
+             json_path: str | None, profile: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     ceiling = matmul_ceiling_tflops() if gpu else 0.0
     if gpu:
         print(f"bf16 8192^3 matmul: {ceiling:.0f} TFLOP/s", flush=True)
@@ -353,6 +366,8 @@ def run_rows(rows: list[dict[str, Any]], gpu: bool, steps: int, warmup: int, bud
             continue
         cmd = [sys.executable, __file__, "--one", json.dumps(row), "--steps", str(steps), "--warmup", str(warmup),
                "--ceiling", str(ceiling)] + (["--gpu"] if gpu else [])
+        if any(_selects(pattern, row["name"]) for pattern in profile):
+            cmd.append("--profile-this")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(budget - (time.perf_counter() - start), 30))
         except subprocess.TimeoutExpired:
@@ -398,16 +413,24 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--budget", type=float, default=3600.0, help="seconds; rows after it are skipped")
     p.add_argument("--json")
+    p.add_argument("--profile", action="append", default=[],
+                   help="rows to profile as well (selected as by --only): where their step time goes")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: one row, as JSON
     p.add_argument("--ceiling", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--profile-this", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))  # peer.py
     if args.one:
-        print(json.dumps(measure(json.loads(args.one), args.gpu, args.steps, args.warmup, args.ceiling)))
+        print(json.dumps(measure(json.loads(args.one), args.gpu, args.steps, args.warmup, args.ceiling, args.profile_this)))
         return
     rows = [r for r in ROWS if not args.only or any(_selects(s, r["name"]) for s in args.only)]
-    results = run_rows(rows, args.gpu, args.steps, args.warmup, args.budget, args.json)
+    results = run_rows(rows, args.gpu, args.steps, args.warmup, args.budget, args.json, tuple(args.profile))
     print(format_table(results))
+    from step_profile import format_profile
+
+    for r in results:
+        if "profile" in r:
+            print(format_profile(r["name"], r["profile"]))
 
 
 if __name__ == "__main__":

@@ -70,11 +70,11 @@ class Packed:
             self._block_mask = sample[:, None] == sample[None, :]
         return self._block_mask
 
-    def xformers_bias(self) -> Any:
+    def xformers_bias(self, device: torch.device) -> Any:
         if self._xformers_bias is None:  # built once, shared by every block
             from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
-            self._xformers_bias = BlockDiagonalMask.from_seqlens(self.seqlens)
+            self._xformers_bias = BlockDiagonalMask.from_seqlens(self.seqlens, device=device)
         return self._xformers_bias
 
 
@@ -137,7 +137,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(2)  # each [B, N, H, hd]
         bias = None
         if isinstance(keep, Packed):
-            bias = keep.xformers_bias()
+            bias = keep.xformers_bias(q.device)
         elif keep is not None:
             # additive bias, broadcast over heads and queries; xformers wants it materialized
             bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))

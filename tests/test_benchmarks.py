@@ -5,13 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+from step_profile import category  # noqa: E402
 
 
 def test_suite_measures_anymodal_and_the_timm_peer(tmp_path):
     out = tmp_path / "suite.json"
     proc = subprocess.run([sys.executable, str(BENCH / "suite.py"), "--only", "dense-B anymodal", "--only", "mae-B timm",
-                           "--only", "video-B mask 0.75", "--only", "audio mae step + loader", "--steps", "2", "--warmup", "1", "--json", str(out)],
+                           "--only", "video-B mask 0.75", "--only", "audio mae step + loader", "--steps", "2", "--warmup", "1", "--json", str(out),
+                           "--profile", "dense-B anymodal"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -24,3 +29,23 @@ def test_suite_measures_anymodal_and_the_timm_peer(tmp_path):
     audio = rows[2]
     assert audio["batch"] == 128 and audio["loader_throughput"] > 0 and audio["unit"] == "samples/s"
     assert "samples/s (2 workers) |" in proc.stdout
+    # the profiled row: where its time goes; on a CPU a ViT step is mostly matrix multiplies
+    assert [r["name"] for r in rows if "profile" in r] == ["dense-B anymodal"]
+    shares = {label: c["share"] for label, c in rows[3]["profile"]["categories"].items()}
+    assert max(shares, key=shares.get) == "matmul" and shares["attention"] > 0 and shares["optimizer"] > 0
+    assert "where the time of 'dense-B anymodal' goes" in proc.stdout
+
+
+@pytest.mark.parametrize("kernel, expected", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer"),
+    ("triton_per_fused_native_layer_norm_0", "other"),
+    ("Memcpy HtoD (Pageable -> Device)", "copy"),
+])
+def test_profile_groups_gpu_kernels_by_what_they_compute(kernel, expected):
+    assert category(kernel) == expected

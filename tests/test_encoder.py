@@ -212,6 +212,16 @@ def test_xformers_packs_ragged_batches_by_default():
         assert Encoder(DIM, 1, HEADS, posenc=pe, attn_backend="xformers").pack_ragged
 
 
+def test_packed_layout_is_xformers_block_diagonal_mask():
+    """The bias handed to xformers' kernel allows exactly what the explicit packed mask allows."""
+    attn_bias = pytest.importorskip("xformers.ops.fmha.attn_bias")  # its mask classes are plain Python
+    packed = Packed.from_keep(~ragged_tokens().padding)
+    bias = packed.xformers_bias(torch.device("cpu"))
+    assert isinstance(bias, attn_bias.BlockDiagonalMask)
+    t = sum(packed.seqlens)
+    assert torch.equal(bias.materialize((t, t)) == 0, packed.block_mask(torch.device("cpu")))
+
+
 # --------------------------------------------------------------------------------------------
 # (e) drop-path
 
