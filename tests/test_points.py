@@ -1,6 +1,9 @@
 """Lidar point ops and tokenizers against independent float64 / Python-loop references."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,6 +73,46 @@ def test_fps_greedy_property_duplicates_short_clouds_and_generator():
     assert torch.equal(g, farthest_point_sample(xyz, 5, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="no valid points"):
         farthest_point_sample(short, 2, torch.ones(1, 8, dtype=torch.bool))
+
+
+TRITON_FPS_CHECK = """
+import torch
+from anymodal.tokenizers.point_ops import farthest_point_sample
+g = torch.Generator().manual_seed(0)
+xyz = torch.randn(4, 2500, 3, generator=g)  # three 1,024-point tiles per cloud
+xyz[3, 1000:2000] = xyz[3, :1000]  # duplicates
+padding = torch.zeros(4, 2500, dtype=torch.bool)
+padding[1, 1800:] = True  # ragged, as collate pads
+padding[2] = torch.rand(2500, generator=g) < 0.5  # scattered
+padding[3, 5:] = True  # fewer valid points than picks
+for seed in (None, 1):  # first pick: the first valid point, or a random one
+    loop, fused = (farthest_point_sample(xyz, 40, padding, kernel=kernel,
+                                         generator=None if seed is None else torch.Generator().manual_seed(seed))
+                   for kernel in ("torch", "triton"))
+    assert torch.equal(loop, fused), (loop != fused).nonzero()[:5]
+from anymodal.tokenizers.points import PointPatchTokenizer
+loop_tok = PointPatchTokenizer(32, groups=16, group_size=8, widths=(8, 16, 32))
+fused_tok = PointPatchTokenizer(32, groups=16, group_size=8, widths=(8, 16, 32), fps_kernel="triton")
+fused_tok.load_state_dict(loop_tok.state_dict())
+a, b = loop_tok(xyz[:3], padding[:3]), fused_tok(xyz[:3], padding[:3])
+assert torch.equal(a.x, b.x) and torch.equal(a.pos, b.pos)
+print("same picks")
+"""
+
+
+def test_triton_fps_kernel_gives_the_loops_picks():
+    """The fused GPU kernel, run by Triton's interpreter on this CPU, one program per cloud; the
+    multi-program path (one cloud over many SMs) is checked on a GPU by benchmarks/lidar_ops.py --gpu."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_FPS_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "same picks" in proc.stdout, proc.stderr[-3000:]
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        farthest_point_sample(torch.zeros(1, 4, 3), 2, kernel="triton")
+    with pytest.raises(ValueError, match="kernel must be"):
+        farthest_point_sample(torch.zeros(1, 4, 3), 2, kernel="cuda")
+    with pytest.raises(ValueError, match="fps_kernel must be"):
+        PointPatchTokenizer(32, fps_kernel="cuda")
 
 
 def _knn_reference(xyz, centres, k, valid):

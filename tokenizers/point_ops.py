@@ -47,7 +47,7 @@ def gather_points(points: Tensor, index: Tensor) -> Tensor:
 
 
 def farthest_point_sample(xyz: Tensor, num: int, padding: Optional[Tensor] = None,
-                          generator: Optional[torch.Generator] = None) -> Tensor:
+                          generator: Optional[torch.Generator] = None, kernel: str = "torch") -> Tensor:
     """Greedy farthest point sampling: ``xyz [B, N, 3]`` -> indices ``[B, num]`` (long).
 
     Each step takes the point farthest (Euclidean) from those already taken; ties go to the lowest
@@ -58,16 +58,19 @@ def farthest_point_sample(xyz: Tensor, num: int, padding: Optional[Tensor] = Non
     its ``n`` FPS picks repeated cyclically (pick ``j`` is pick ``j mod n``).
 
     Distances are float32 and computed per coordinate, so the order is exact up to float32
-    rounding. The loop over the ``num`` picks is inherent to FPS; each step is a fixed handful of
-    in-place tensor ops over the batch.
+    rounding. The loop over the ``num`` picks is inherent to FPS. ``kernel="torch"`` runs each
+    step as a fixed handful of in-place tensor ops over the batch; ``kernel="triton"`` runs all
+    picks in one Triton kernel (`fps_kernel`: on a GPU the loop's time is kernel launches).
 
     Raises:
-        ValueError: On a wrong shape, ``num < 1``, or a cloud with no valid point.
+        ValueError: On a wrong shape, ``num < 1``, a cloud with no valid point, or an unknown kernel.
     """
     if xyz.dim() != 3 or xyz.shape[-1] != 3:
         raise ValueError(f"farthest_point_sample expects xyz [B, N, 3], got shape {tuple(xyz.shape)}")
     if num < 1:
         raise ValueError(f"farthest_point_sample needs num >= 1, got {num}")
+    if kernel not in ("torch", "triton"):
+        raise ValueError(f"farthest_point_sample kernel must be 'torch' or 'triton', got {kernel!r}")
     b, n, _ = xyz.shape
     device = xyz.device
     valid = torch.ones(b, n, dtype=torch.bool, device=device) if padding is None else ~padding
@@ -80,18 +83,32 @@ def farthest_point_sample(xyz: Tensor, num: int, padding: Optional[Tensor] = Non
         noise = torch.rand(b, n, generator=generator, device=device)
         start = noise.masked_fill(~valid, -1.0).argmax(-1)
 
+    coords = xyz.detach().to(torch.float32).permute(2, 0, 1).contiguous()  # [3, B, N]: one row per axis
+    # running distance to the taken set; -1 marks padding (never the max), -0.5 marks taken points
+    dist = torch.full((b, n), float("inf"), device=device).masked_fill_(~valid, -1.0)
+    if kernel == "triton":
+        from .fps_kernel import fps_triton
+
+        picks = fps_triton(coords, dist, start, num)
+    else:
+        picks = _fps_loop(coords, dist, start, num)
+    if bool((n_valid < num).any()):
+        j = torch.arange(num, device=device).expand(b, -1)
+        picks = picks.gather(1, torch.where(j < n_valid[:, None], j, j % n_valid[:, None]))
+    return picks
+
+
+def _fps_loop(coords: Tensor, dist: Tensor, start: Tensor, num: int) -> Tensor:
+    """`farthest_point_sample`'s picks, one step of tensor ops per pick."""
+    _, b, n = coords.shape
     blocks = -(-n // _FPS_BLOCK)
     width = blocks * _FPS_BLOCK
-    coords = xyz.detach().to(torch.float32).permute(2, 0, 1)  # [3, B, N]: one contiguous row per axis
-    coords = torch.nn.functional.pad(coords, (0, width - n)).contiguous()
-    # running distance to the taken set; -1 marks padding (never the max), -0.5 marks taken points
-    dist = torch.full((b, width), float("inf"), device=device)
-    dist[:, :n].masked_fill_(~valid, -1.0)
-    dist[:, n:] = -1.0
-    d = torch.empty(b, width, device=device)
-    diff = torch.empty(b, width, device=device)
-    rows = torch.arange(b, device=device)
-    picks = torch.empty(b, num, dtype=torch.long, device=device)
+    coords = torch.nn.functional.pad(coords, (0, width - n))
+    dist = torch.nn.functional.pad(dist, (0, width - n), value=-1.0)
+    d = torch.empty(b, width, device=coords.device)
+    diff = torch.empty(b, width, device=coords.device)
+    rows = torch.arange(b, device=coords.device)
+    picks = torch.empty(b, num, dtype=torch.long, device=coords.device)
     far = start.unsqueeze(-1)  # [B, 1]
     blocked = dist.view(b, blocks, _FPS_BLOCK)
     for i in range(num):
@@ -107,9 +124,6 @@ def farthest_point_sample(xyz: Tensor, num: int, padding: Optional[Tensor] = Non
         dist.scatter_(1, far, -0.5)
         block = blocked.amax(-1).argmax(-1)  # [B]
         far = (block * _FPS_BLOCK + blocked[rows, block].argmax(-1)).unsqueeze(-1)
-    if bool((n_valid < num).any()):
-        j = torch.arange(num, device=device).expand(b, -1)
-        picks = picks.gather(1, torch.where(j < n_valid[:, None], j, j % n_valid[:, None]))
     return picks
 
 

@@ -39,24 +39,29 @@ class PointPatchTokenizer(nn.Module):
         widths: the PointNet's hidden widths ``(first MLP hidden, first MLP out, second MLP hidden)``.
         loss: ``chamfer_l2`` or ``chamfer_l1`` (see `chamfer_distance`).
         input_key: the batch field holding the points ``[B, N, C]``.
+        fps_kernel: ``torch`` (a few tensor ops per centre) or ``triton`` (all centres in one
+            GPU kernel, `fps_kernel`; same picks, without a kernel launch per centre).
     """
 
     pos_axes = 3
     grid_size = None
 
     def __init__(self, dim: int, groups: int = 64, group_size: int = 32, channels: int = 3,
-                 widths: Sequence[int] = (128, 256, 512), loss: str = "chamfer_l2", input_key: str = "points") -> None:
+                 widths: Sequence[int] = (128, 256, 512), loss: str = "chamfer_l2", input_key: str = "points",
+                 fps_kernel: str = "torch") -> None:
         super().__init__()
         if groups < 1 or group_size < 1 or channels < 3:
             raise ValueError(f"point_patch needs groups >= 1, group_size >= 1 and channels >= 3, got "
                              f"groups={groups}, group_size={group_size}, channels={channels}")
         if loss not in CHAMFER_LOSSES:
             raise ValueError(f"point_patch loss must be one of {sorted(CHAMFER_LOSSES)}, got {loss!r}")
+        if fps_kernel not in ("torch", "triton"):
+            raise ValueError(f"point_patch fps_kernel must be 'torch' or 'triton', got {fps_kernel!r}")
         if len(widths) != 3:
             raise ValueError(f"point_patch widths must be three integers, got {widths!r}")
         h1, h2, h3 = (int(w) for w in widths)
         self.dim, self.groups, self.group_size, self.channels = dim, groups, group_size, channels
-        self.loss, self.input_key = loss, input_key
+        self.loss, self.input_key, self.fps_kernel = loss, input_key, fps_kernel
         self.target_dim = group_size * 3
         self.first = nn.Sequential(nn.Linear(channels, h1), nn.LayerNorm(h1), nn.GELU(), nn.Linear(h1, h2))
         self.second = nn.Sequential(nn.Linear(2 * h2, h3), nn.LayerNorm(h3), nn.GELU(), nn.Linear(h3, dim))
@@ -64,7 +69,7 @@ class PointPatchTokenizer(nn.Module):
     def forward(self, points: Tensor, padding: Optional[Tensor] = None) -> Tokens:
         check_points(points, padding, f"point_patch tokenizer (batch[{self.input_key!r}])", self.channels)
         xyz = points[..., :3].float()
-        centre_idx = farthest_point_sample(xyz, self.groups, padding)  # [B, G]
+        centre_idx = farthest_point_sample(xyz, self.groups, padding, kernel=self.fps_kernel)  # [B, G]
         centres = gather_points(xyz, centre_idx)  # [B, G, 3]
         neighbours = knn_group(xyz, centres, self.group_size, padding)  # [B, G, K]
         grouped = gather_points(points[..., :self.channels].float(), neighbours)  # [B, G, K, C]
