@@ -69,9 +69,13 @@ def check_xformers(math_encoder: Encoder, dim: int) -> None:
     ref, ref_grads = features_and_grads(math_encoder, t, amp=False)
     for packed in (True, False):
         xformers_encoder.pack_ragged = packed
-        out, grads = features_and_grads(xformers_encoder, t, amp=True)
-        check(f"xformers {xformers.__version__} {'packed (block-diagonal)' if packed else 'padded (tensor bias)'} bf16",
-              rel_err(out, ref) < 2e-2 and rel_err(grads, ref_grads) < 5e-2,
+        name = f"xformers {xformers.__version__} {'packed (block-diagonal)' if packed else 'padded (tensor bias)'} bf16"
+        try:
+            out, grads = features_and_grads(xformers_encoder, t, amp=True)
+        except Exception as err:  # noqa: BLE001 - no kernel for these inputs: a failed check, and the rest still run
+            check(name, False, str(err).splitlines()[0][:200])
+            continue
+        check(name, rel_err(out, ref) < 2e-2 and rel_err(grads, ref_grads) < 5e-2,
               f"features rel err vs padded fp32 math {rel_err(out, ref):.2e} (bound 2e-2), grads {rel_err(grads, ref_grads):.2e} (5e-2)")
     try:  # which kernel xformers picked for the packed layout (a private helper: report, never fail)
         q = torch.zeros(1, 2787, 6, dim // 6, device="cuda", dtype=torch.bfloat16)

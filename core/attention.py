@@ -26,9 +26,15 @@ ATTENTION_BACKENDS = ("sdpa", "math", "xformers")
 def check_backend(backend: str) -> None:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    if backend == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise ImportError("model.attn_backend=xformers needs the xformers package (pip install anymodal[xformers], CUDA only); "
-                          "use attn_backend=sdpa instead")
+    if backend == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise ImportError("model.attn_backend=xformers needs the xformers package (pip install anymodal[xformers], "
+                              "CUDA only); use attn_backend=sdpa instead")
+        try:
+            import xformers.ops  # noqa: F401
+        except Exception as err:  # e.g. built for another torch: say so now, not at the first forward
+            raise ImportError(f"model.attn_backend=xformers: xformers is installed but does not import ({err}); "
+                              "use attn_backend=sdpa instead") from err
 
 
 @dataclass
