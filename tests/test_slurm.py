@@ -56,6 +56,13 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.25)
 
 
+def release(job: str) -> bool:
+    """Ask Slurm to start a held job now; False, so that `wait_until` checks again."""
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+    time.sleep(1.0)
+    return False
+
+
 def steps_done(run: Path) -> int:
     metrics = run / "metrics.jsonl"
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
@@ -70,8 +77,9 @@ def interrupted_job_finishes_like_an_uninterrupted_run(tmp_path: Path, interrupt
                "the job to be requeued")
     saved = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
     assert 20 <= saved < 150  # checkpointed on the signal, mid-run
-    # Slurm holds a requeued job for two minutes before it may start again; release it now
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    # Slurm holds a requeued job for two minutes before it may start again; release it, again while it
+    # stays pending (a release that lands before the requeue has set its hold is overwritten by it)
+    wait_until(lambda: job_field(job, "JobState") != "PENDING" or release(job), 90, "the requeued job to start")
     wait_until(lambda: (run / "checkpoints" / "pretrain-final.pt").is_file() and job_field(job, "JobState") == "COMPLETED",
                240, "the requeued job to finish")
     reference = tmp_path / "reference"

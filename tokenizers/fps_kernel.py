@@ -45,7 +45,6 @@ def _kernel():
             row = b * width  # this cloud's row in dist and in each coordinate plane
             plane = batch * width
             parts = b * 2 * P
-            lanes = tl.arange(0, P)
             far = tl.load(start_ptr + b).to(tl.int32)
             for i in range(num):
                 tl.store(picks_ptr + b * num + i, far.to(tl.int64), mask=p == 0)
@@ -79,6 +78,7 @@ def _kernel():
                     arrived = tl.atomic_add(counter_ptr + b, 0, sem="acquire")
                     while arrived < (i + 1) * P:
                         arrived = tl.atomic_add(counter_ptr + b, 0, sem="acquire")
+                    lanes = tl.arange(0, P)
                     vals = tl.load(part_val_ptr + slot + lanes, volatile=True)
                     idxs = tl.load(part_idx_ptr + slot + lanes, volatile=True)
                     far = tl.sum(tl.where(lanes == tl.argmax(vals, 0), idxs, 0))
