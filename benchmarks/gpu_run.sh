@@ -21,4 +21,4 @@ timeout 150 python3 -m anymodal train tiny-test --run-dir /tmp/gpu-train run.dev
   recipe.stages.pretrain.steps=60 2>&1 | tail -4 | tee "$OUT/train.txt"
 tail -2 /tmp/gpu-train/metrics.jsonl | tee -a "$OUT/train.txt"
 # the ViT-L rows (the MFU floor) are profiled too: where their step time goes, kernel by kernel
-python3 benchmarks/suite.py --gpu --budget "${BUDGET:-380}" --json "$OUT/suite.json" --profile "dense-L anymodal" 2>&1 | tee "$OUT/suite.txt"
+python3 benchmarks/suite.py --gpu --budget "${BUDGET:-380}" --json "$OUT/suite.json" --profile "dense-L anymodal" --profile "dense-L anymodal compile full" --profile "2x batch" 2>&1 | tee "$OUT/suite.txt"
