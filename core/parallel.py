@@ -15,15 +15,20 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["PARALLEL_MODES", "parallelize", "full_optimizer_state", "load_optimizer_state",
            "grad_norm_value", "save_shards", "load_shards", "load_backbone_from_shards"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _state_dict_api() -> Any:
+    """torch.distributed.checkpoint's state-dict module, imported when first needed: it takes about
+    a second to import, which every command (eval, export, --help) would otherwise pay."""
+    import torch.distributed.checkpoint.state_dict as api
+
+    return api
 
 
 def _shard_backbone_owner(module: nn.Module, backbone: nn.Module, **kwargs: Any) -> None:
@@ -57,12 +62,14 @@ def parallelize(mode: str, world: int, model: nn.Module, teacher: Optional[nn.Mo
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state keyed by parameter name, full, on CPU (a collective under FSDP)."""
-    return get_optimizer_state_dict(module, optimizer, options=_FULL)
+    api = _state_dict_api()
+    return api.get_optimizer_state_dict(module, optimizer, options=api.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load `full_optimizer_state`'s output; every rank passes the full state and keeps its shard."""
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    api = _state_dict_api()
+    api.set_optimizer_state_dict(module, optimizer, state, options=api.StateDictOptions(full_state_dict=True))
 
 
 def grad_norm_value(norm: torch.Tensor) -> float:
@@ -71,9 +78,10 @@ def grad_norm_value(norm: torch.Tensor) -> float:
 
 
 def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> dict[str, Any]:
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    api = _state_dict_api()
+    state = {"model": api.get_model_state_dict(model), "optimizer": api.get_optimizer_state_dict(model, optimizer)}
     if hasattr(teacher, "update"):
-        state["teacher"] = get_model_state_dict(teacher)
+        state["teacher"] = api.get_model_state_dict(teacher)
     return state
 
 
@@ -97,10 +105,11 @@ def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     except Exception as e:  # DCP raises its own types for missing keys and shape mismatches
         raise CheckpointError(f"sharded checkpoint {path} does not fit this model ({type(e).__name__}: "
                               f"{str(e)[:400]})") from e
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    api = _state_dict_api()
+    api.set_model_state_dict(model, state["model"])
+    api.set_optimizer_state_dict(model, optimizer, state["optimizer"])
     if "teacher" in state:
-        set_model_state_dict(teacher, state["teacher"])
+        api.set_model_state_dict(teacher, state["teacher"])
 
 
 def load_backbone_from_shards(path: Path, backbone: nn.Module) -> None:
