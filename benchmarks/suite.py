@@ -66,7 +66,7 @@ ROWS: list[dict[str, Any]] = [
       for m in ("image", "video", "lidar", "lidar_sweep", "audio")],
     # ragged sweeps packed into one sequence through xformers' block-diagonal kernel, against the padded row above
     {"name": "lidar_sweep mae step, xformers packed", "work": "modality", "impl": "anymodal", "size": "base",
-     "modality": "lidar_sweep", "attn": "xformers", "overrides": ["model.attn_backend=xformers"], "gpu_only": True},
+     "modality": "lidar_sweep", "overrides": ["model.attn_backend=xformers"], "gpu_only": True},
     {"name": "dense-B anymodal", "work": "dense", "impl": "anymodal", "size": "base"},
     {"name": "dense-B timm", "work": "dense", "impl": "timm", "size": "base"},
     {"name": "dense-B anymodal compile", "work": "dense", "impl": "anymodal", "size": "base", "compile": "blocks"},

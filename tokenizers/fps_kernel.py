@@ -108,8 +108,8 @@ def fps_triton(coords: Tensor, dist: Tensor, start: Tensor, num: int) -> Tensor:
     p = programs_per_cloud(b, n, coords.device)
     slice_len = -(-n // (p * TILE)) * TILE
     width = p * slice_len
-    coords = torch.nn.functional.pad(coords, (0, width - n)).contiguous()
-    dist = torch.nn.functional.pad(dist, (0, width - n), value=-1.0).contiguous()
+    coords = torch.nn.functional.pad(coords, (0, width - n)).contiguous()  # copies only when pad did not
+    dist = torch.nn.functional.pad(dist, (0, width - n), value=-1.0)
     picks = torch.empty(b, num, dtype=torch.long, device=coords.device)
     part_val = torch.empty(b, 2, p, dtype=torch.float32, device=coords.device)
     part_idx = torch.empty(b, 2, p, dtype=torch.int32, device=coords.device)

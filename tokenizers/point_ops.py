@@ -12,10 +12,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["farthest_point_sample", "knn_group", "chamfer_distance", "gather_points", "check_points", "CHAMFER_LOSSES"]
+__all__ = ["farthest_point_sample", "knn_group", "chamfer_distance", "gather_points", "check_points", "CHAMFER_LOSSES",
+           "FPS_KERNELS"]
 
 # a tokenizer's `loss` option -> chamfer_distance's kind
 CHAMFER_LOSSES = {"chamfer_l2": "l2", "chamfer_l1": "l1"}
+# farthest_point_sample's implementations: a loop of tensor ops, or one Triton kernel (fps_kernel.py)
+FPS_KERNELS = ("torch", "triton")
 
 #: FPS finds its argmax in two levels (block maxima, then within the block): on CPU ``amax`` is
 #: vectorized and ``argmax`` is not, so this is several times faster than one ``argmax`` per step.
@@ -69,8 +72,8 @@ def farthest_point_sample(xyz: Tensor, num: int, padding: Optional[Tensor] = Non
         raise ValueError(f"farthest_point_sample expects xyz [B, N, 3], got shape {tuple(xyz.shape)}")
     if num < 1:
         raise ValueError(f"farthest_point_sample needs num >= 1, got {num}")
-    if kernel not in ("torch", "triton"):
-        raise ValueError(f"farthest_point_sample kernel must be 'torch' or 'triton', got {kernel!r}")
+    if kernel not in FPS_KERNELS:
+        raise ValueError(f"farthest_point_sample kernel must be one of {FPS_KERNELS}, got {kernel!r}")
     b, n, _ = xyz.shape
     device = xyz.device
     valid = torch.ones(b, n, dtype=torch.bool, device=device) if padding is None else ~padding
@@ -83,7 +86,7 @@ def farthest_point_sample(xyz: Tensor, num: int, padding: Optional[Tensor] = Non
         noise = torch.rand(b, n, generator=generator, device=device)
         start = noise.masked_fill(~valid, -1.0).argmax(-1)
 
-    coords = xyz.detach().to(torch.float32).permute(2, 0, 1).contiguous()  # [3, B, N]: one row per axis
+    coords = xyz.detach().to(torch.float32).permute(2, 0, 1)  # [3, B, N]; each kernel pads it into one row per axis
     # running distance to the taken set; -1 marks padding (never the max), -0.5 marks taken points
     dist = torch.full((b, n), float("inf"), device=device).masked_fill_(~valid, -1.0)
     if kernel == "triton":
@@ -103,7 +106,7 @@ def _fps_loop(coords: Tensor, dist: Tensor, start: Tensor, num: int) -> Tensor:
     _, b, n = coords.shape
     blocks = -(-n // _FPS_BLOCK)
     width = blocks * _FPS_BLOCK
-    coords = torch.nn.functional.pad(coords, (0, width - n))
+    coords = torch.nn.functional.pad(coords, (0, width - n)).contiguous()  # one contiguous row per axis
     dist = torch.nn.functional.pad(dist, (0, width - n), value=-1.0)
     d = torch.empty(b, width, device=coords.device)
     diff = torch.empty(b, width, device=coords.device)

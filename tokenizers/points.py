@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
-from .point_ops import CHAMFER_LOSSES, chamfer_distance, check_points, farthest_point_sample, gather_points, knn_group
+from .point_ops import CHAMFER_LOSSES, FPS_KERNELS, chamfer_distance, check_points, farthest_point_sample, gather_points, knn_group
 
 __all__ = ["PointPatchTokenizer"]
 
@@ -55,8 +55,8 @@ class PointPatchTokenizer(nn.Module):
                              f"groups={groups}, group_size={group_size}, channels={channels}")
         if loss not in CHAMFER_LOSSES:
             raise ValueError(f"point_patch loss must be one of {sorted(CHAMFER_LOSSES)}, got {loss!r}")
-        if fps_kernel not in ("torch", "triton"):
-            raise ValueError(f"point_patch fps_kernel must be 'torch' or 'triton', got {fps_kernel!r}")
+        if fps_kernel not in FPS_KERNELS:
+            raise ValueError(f"point_patch fps_kernel must be one of {FPS_KERNELS}, got {fps_kernel!r}")
         if len(widths) != 3:
             raise ValueError(f"point_patch widths must be three integers, got {widths!r}")
         h1, h2, h3 = (int(w) for w in widths)
