@@ -22,6 +22,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import UserError
 from .registry import closest, signature_errors
 from .schema import Config
 
@@ -33,7 +34,7 @@ COMMAND_LINE = "command line"
 SCRATCH = "scratch"  # init_from: scratch restarts a stage from the run's initial random weights
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One or more config problems, each naming the key and where it came from."""
 
     def __init__(self, errors: list[str]) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pluggy
 
 from .. import __version__
+from ..core.errors import UserError
 from ..core.registry import Registry
 from . import hookspecs
 from .contract import tokenizer_problems
@@ -33,7 +34,7 @@ KINDS = {
 }
 
 
-class PluginError(RuntimeError):
+class PluginError(UserError, RuntimeError):
     """A plugin failed to import, to register, or returned something the contract does not allow."""
 
 

@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from torch.utils.data import Dataset
 
+from ...core.errors import DataError
 from .image_transforms import _float_arg, _int_arg
 
 __all__ = [
@@ -81,7 +82,7 @@ def verify_image(path: str) -> str | None:
     return None
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(DataError):
     """An image file that PIL cannot open, verify or decode.
 
     Attributes:
