@@ -10,6 +10,16 @@ returns a mapping of name to factory (or None). A factory is called with its con
 keyword arguments; a name registered twice is an error naming both plugins. None of these hooks is
 first-result or historic: every plugin's answer is collected.
 
+Checked when a plugin registers, each failure a `PluginError` naming the plugin: a function marked
+``@hookimpl`` whose name is not a hook below (with the closest hook's name; mark a hook of a later
+API version ``@hookimpl(optionalhook=True)`` to have it skipped), a plugin module's function named
+as a hook (or nearly) but not marked (pluggy would never call it), a hook's arguments, what each
+``register_*`` hook returns (a mapping of non-empty string names to callables), and the arguments
+anymodal always passes to a factory (listed with each hook; a factory must take them, by name or
+through ``**kwargs``). An exception raised in a plugin's code (importing it, in a hook, in a
+tokenizer during the load check) is reported with its type, message and the file and line in the
+plugin where it was raised.
+
 Versioning: this module is plugin API version ``API_VERSION``. A plugin states the version it
 targets as a module attribute ``ANYMODAL_API = 1``; a plugin targeting another version is refused
 at load with a `PluginError` saying both versions (no attribute: assumed current). A change that
@@ -54,6 +64,18 @@ def register_tokenizers() -> Factories:
     ``model.posenc=mlp``); ``padding`` None or bool ``[B, N]`` (True = no real token);
     ``targets`` ``[B, N, target_dim]`` when ``target_dim`` exists.
 
+    Dtype: outside autocast ``x`` has the dtype of the model's parameters, which is torch's default
+    dtype when the model is built (``torch.float32``), and so do the tokenizer's own floating
+    parameters (no ``.double()``); under autocast, whatever its layers give is fine. The encoder's
+    LayerNorm refuses float64 tokens.
+
+    Scale: the encoder adds a positional encoding to ``x`` and then normalizes; the default sin-cos
+    encoding has an RMS of 1/sqrt(2) = 0.71 per channel. Embeddings should have an RMS of order
+    0.2-1 per channel, what a default-initialized ``nn.Linear`` or ``nn.Conv2d`` patch embedding of
+    inputs normalized to about unit scale gives (the built-in tokenizers: largest tokens 0.36-0.66
+    on their data). Much smaller, the encoder sees mostly positions (a tokenizer whose tokens were
+    near 0.07 trained at a constant loss); much larger, it loses the positions.
+
     Optional methods:
 
     - ``reconstruction_loss(pred, target) -> scalar`` over ``[B, M, target_dim]``: used by
@@ -66,8 +88,11 @@ def register_tokenizers() -> Factories:
     ``example_input(batch_size)`` (a classmethod or static function) returning a sample batch:
     a list of sample dicts (collated as the loader does, so ragged sets get their padding field)
     or an already collated mapping. The tokenizer is built with ``dim`` and its own defaults, run
-    on ``example_input(2)``, and every broken rule above is reported in one `PluginError` naming
-    the plugin and the tokenizer.
+    on ``example_input(2)``, and every broken rule above (dtype included) is reported in one
+    `PluginError` naming the plugin and the tokenizer; an exception it raises is reported with its
+    type, message and the file and line in the plugin. The scale is checked on the same batch: when
+    no real token reaches an RMS of 0.2, or the median token exceeds 10, a warning gives the
+    measured RMS (largest and median token) next to the sin-cos encoding's, and the plugin loads.
 
     :return: mapping of tokenizer name to factory, or None.
     """
@@ -77,8 +102,8 @@ def register_tokenizers() -> Factories:
 def register_datasets() -> Factories:
     """Datasets. Called once at load time; not first-result.
 
-    A factory receives its config section plus ``split`` (``"train"`` or ``"test"``)
-    and returns a ``torch.utils.data.Dataset`` whose items are sample dicts
+    A factory receives its config section plus ``split`` (``"train"`` or ``"test"``; always
+    passed, so a factory must take it) and returns a ``torch.utils.data.Dataset`` whose items are sample dicts
     ``{<modality key>: tensor, "label"?: int, "text"?: str}``: ``label`` (and any field named in
     ``eval.labels``) feeds the probes, ``text`` the captions of ``contrastive`` with ``pair: text``. Datasets that draw random numbers
     take them from the ``torch.Generator`` passed as ``dataset.sample(index, generator)`` if they
@@ -114,8 +139,8 @@ def register_maskers() -> Factories:
 def register_objectives() -> Factories:
     """Objectives. Called once at load time; not first-result.
 
-    A factory receives its config section plus ``dim`` (encoder width),
-    ``tokenizer`` (the student's) and, if it has a ``teacher_dim`` parameter, the stage teacher's
+    A factory receives its config section plus ``dim`` (encoder width) and ``tokenizer`` (the
+    student's), always passed, and, if it has a ``teacher_dim`` parameter, the stage teacher's
     width. It returns an ``nn.Module`` with ``forward(batch, student, teacher=None) ->
     ObjectiveOutput`` (``anymodal.core.objective``: ``batch.raw`` the collated samples,
     ``batch.tokens`` the student's tokens, ``batch.mask`` the stage masker's choice or None;
@@ -130,8 +155,8 @@ def register_objectives() -> Factories:
 def register_teachers() -> Factories:
     """Teachers. Called once at load time; not first-result.
 
-    A factory receives its config section plus ``student`` (the student `Backbone`)
-    and, if it has a ``folder`` parameter, the run folder (`RunFolder`, for earlier stages'
+    A factory receives its config section plus ``student`` (the student `Backbone`), always
+    passed, and, if it has a ``folder`` parameter, the run folder (`RunFolder`, for earlier stages'
     checkpoints). It returns an ``nn.Module`` called as ``teacher(batch, layers=0) -> Encoded``
     over the student's full token set, used under ``no_grad`` by objectives that ask for one. A
     teacher with an ``update(student, step, total)`` method is updated after every optimizer step

@@ -3,21 +3,27 @@ their components into registries."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
+import inspect
+import logging
 import os
+import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import pluggy
 
 from .. import __version__
 from ..core.errors import UserError
-from ..core.registry import Registry
+from ..core.registry import Registry, closest
 from . import hookspecs
-from .contract import tokenizer_problems
+from .contract import check_tokenizer, describe_failure, factory_problems, plugin_home
 
-__all__ = ["Components", "PluginError", "load_components", "ENTRY_POINT_GROUP", "KINDS"]
+__all__ = ["Components", "PluginError", "load_components", "component_failure", "ENTRY_POINT_GROUP", "KINDS", "HOOKS"]
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "anymodal"
 DISABLE_AUTOLOAD_ENV = "ANYMODAL_DISABLE_PLUGIN_AUTOLOAD"
@@ -32,6 +38,8 @@ KINDS = {
     "register_objectives": "objective",
     "register_teachers": "teacher",
 }
+HOOKS = tuple(sorted(n for n, f in vars(hookspecs).items() if hasattr(f, f"{hookspecs.PROJECT}_spec")))
+UNMARKED_HOOK_LIKENESS = 0.85  # an unmarked function this close to a hook's name is a missed hook
 
 
 class PluginError(UserError, RuntimeError):
@@ -59,7 +67,13 @@ class Components:
         assert self.manager is not None
         results = []
         for impl in self.manager.hook.configure.get_hookimpls():
-            out = impl.function(config=config)
+            try:
+                out = impl.function(config=config)
+            except Exception as e:  # an outside plugin's failure is its own: name it and the line
+                if impl.plugin_name == BUILTIN_NAME:
+                    raise
+                raise PluginError(f"plugin {impl.plugin_name!r}: hook configure raised "
+                                  f"{describe_failure(e, _home(impl.plugin))}") from e
             if out is not None and not isinstance(out, Mapping):
                 raise PluginError(f"plugin {impl.plugin_name!r}: hook configure returned {type(out).__name__}, expected a mapping or None")
             if out:
@@ -73,10 +87,56 @@ def _new_manager() -> pluggy.PluginManager:
     return pm
 
 
+def _home(plugin: Any) -> tuple[str, ...]:
+    """Where a plugin's code lives (see `plugin_home`)."""
+    module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+    return plugin_home(module)
+
+
+def _defined_at(function: Any) -> str:
+    code = getattr(function, "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code else repr(function)
+
+
+def _did_you_mean(name: str) -> str:
+    near = closest(name, HOOKS, n=1)
+    return f"did you mean {near[0]!r}? " if near else ""
+
+
+def _unmarked_hook(plugin: Any, attr: str, function: Any) -> bool:
+    """A function of the plugin module itself named (nearly) as a hook, but not marked ``@hookimpl``."""
+    if attr.startswith("_") or not (isinstance(plugin, types.ModuleType) and inspect.isfunction(function)
+                                    and function.__module__ == plugin.__name__):
+        return False
+    # stricter than `closest`'s "did you mean" cutoff: helpers such as configure_logging are not hooks
+    return attr in HOOKS or bool(difflib.get_close_matches(attr, HOOKS, n=1, cutoff=UNMARKED_HOOK_LIKENESS))
+
+
+def _hook_name_problems(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """Hooks that are not anymodal's, and functions named as hooks that pluggy would skip (no marker)."""
+    problems = []
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        function = getattr(plugin, attr)
+        if opts is not None:
+            hook = opts.get("specname") or attr
+            if hook not in HOOKS and not opts.get("optionalhook"):
+                problems.append(f"unknown hook {hook!r} ({_defined_at(function)}); {_did_you_mean(hook)}"
+                                f"hooks: {', '.join(HOOKS)}")
+        elif _unmarked_hook(plugin, attr, function):
+            what = "a hook's name" if attr in HOOKS else f"a name near a hook's ({_did_you_mean(attr).strip()})"
+            problems.append(f"function {attr!r} ({_defined_at(function)}) has {what} but no "
+                            f"@anymodal.plugins.hookimpl, so anymodal would never call it")
+    return problems
+
+
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> bool:
     """Register ``plugin``; False when it (or its name) already is."""
     if pm.has_plugin(name) or pm.is_registered(plugin):
         return False
+    problems = _hook_name_problems(pm, plugin)
+    if problems:
+        raise PluginError(f"plugin {name!r} does not match the hook contract: " + "; ".join(problems))
     try:
         pm.register(plugin, name=name)
         pm.check_pending()
@@ -94,8 +154,9 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> bool:
 def _import(module: str, plugin_name: str) -> Any:
     try:
         return importlib.import_module(module)
-    except Exception as e:  # any import-time failure is the plugin's; report it with its name
-        raise PluginError(f"plugin {plugin_name!r} failed to import module {module!r}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # any import-time failure is the plugin's; report it with its name and line
+        where = describe_failure(e, plugin_home(module), fallback=False)
+        raise PluginError(f"plugin {plugin_name!r} failed to import module {module!r}: {where}") from e
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -108,7 +169,7 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> Any:
     except Exception as e:  # report which entry point broke, keep the cause
         raise PluginError(f"plugin {ep.name!r} (entry point {ep.value!r} of "
                           f"{ep.dist.name if ep.dist else 'unknown package'}) failed to load: "
-                          f"{type(e).__name__}: {e}") from e
+                          f"{describe_failure(e, plugin_home(ep.module), fallback=False)}") from e
 
 
 def _registrations(pm: pluggy.PluginManager, name: str) -> dict[str, Registry]:
@@ -120,8 +181,8 @@ def _registrations(pm: pluggy.PluginManager, name: str) -> dict[str, Registry]:
                 continue
             try:
                 found = impl.function()
-            except Exception as e:  # name the plugin whose hook raised
-                raise PluginError(f"plugin {name!r}: hook {hook_name} raised {type(e).__name__}: {e}") from e
+            except Exception as e:  # name the plugin whose hook raised, and the line
+                raise PluginError(f"plugin {name!r}: hook {hook_name} raised {describe_failure(e, _home(impl.plugin))}") from e
             if found is None:
                 continue
             if not isinstance(found, Mapping):
@@ -135,14 +196,35 @@ def _registrations(pm: pluggy.PluginManager, name: str) -> dict[str, Registry]:
     return own
 
 
-def _check_tokenizers(own: dict[str, Registry], name: str) -> None:
-    if name == BUILTIN_NAME:  # the built-in tokenizers have their own registry-wide tests
+def _check_components(own: dict[str, Registry], name: str) -> None:
+    """Every factory's signature, then every tokenizer on its example input; notes are logged."""
+    if name == BUILTIN_NAME:  # the built-in components have their own registry-wide tests
         return
+    for kind, registry in own.items():
+        for entry in registry:
+            problems = factory_problems(kind, entry.factory)
+            if problems:
+                raise PluginError(f"plugin {name!r}: {kind} {entry.name!r} " + "; ".join(problems))
     for entry in own["tokenizer"]:
-        problems = tokenizer_problems(entry.factory)
-        if problems:
+        check = check_tokenizer(entry.factory)
+        if check.problems:
             raise PluginError(f"plugin {name!r}: tokenizer {entry.name!r} breaks the tokenizer contract "
-                              f"(anymodal.plugins.hookspecs.register_tokenizers), checked on load: " + "; ".join(problems))
+                              f"(anymodal.plugins.hookspecs.register_tokenizers), checked on load: " + "; ".join(check.problems))
+        for note in check.notes:
+            log.warning("plugin %r: tokenizer %r: %s (anymodal.plugins.hookspecs.register_tokenizers)", name, entry.name, note)
+
+
+def component_failure(components: Components, kind: str, name: str, error: BaseException) -> Optional[PluginError]:
+    """The error to raise when component ``name`` of ``kind`` raised ``error`` while it ran (a tokenizer on
+    a training batch, a dataset reading a sample), ``from error``: one line naming the plugin, the
+    component, the exception and the file:line in the plugin's code where it was raised. None for a
+    component of the built-in plugin: its failures are bugs and keep their traceback.
+    """
+    entry = components.registries[kind].entry(name)
+    if entry.plugin == BUILTIN_NAME:
+        return None
+    home = plugin_home(getattr(entry.factory, "__module__", None) or "")
+    return PluginError(f"plugin {entry.plugin!r}: {kind} {name!r} raised {describe_failure(error, home)}")
 
 
 def _add_plugin(comps: Components, name: str, load: Callable[[], Any], origin: str, version: str) -> None:
@@ -158,7 +240,7 @@ def _add_plugin(comps: Components, name: str, load: Callable[[], Any], origin: s
             if clash:
                 other = comps.registries[kind].entry(clash[0]).plugin
                 raise PluginError(f"{kind} {clash[0]!r} is registered by both plugin {other!r} and plugin {name!r}")
-        _check_tokenizers(own, name)
+        _check_components(own, name)
     except PluginError:
         pm.unregister(name=name)
         raise
