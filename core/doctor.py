@@ -11,24 +11,46 @@ import importlib.util
 import platform
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .. import __version__
 from ..plugins.manager import load_components
 
-__all__ = ["EXTRAS", "doctor_report"]
+__all__ = ["EXTRAS", "doctor_report", "source_checkout", "install_command"]
 
-# import name -> (distribution, how to get it); the extras are pyproject's optional-dependencies
+# import name -> (distribution, the pyproject optional-dependencies extra that brings it, or None
+# where COMMANDS says how)
 EXTRAS = {
-    "timm": ("timm", "pip install anymodal[timm]"),
-    "av": ("av", "pip install anymodal[video]"),
-    "laspy": ("laspy", "pip install anymodal[lidar]"),
-    "xformers": ("xformers", "pip install anymodal[xformers]"),
-    "torchaudio": ("torchaudio", "pip install anymodal[audio]"),
-    "tensorboard": ("tensorboard", "pip install anymodal[tensorboard]"),
-    "submitit": ("submitit", "pip install submitit"),
+    "timm": ("timm", None),
+    "av": ("av", "video"),
+    "laspy": ("laspy", "lidar"),
+    "xformers": ("xformers", "xformers"),
+    "torchaudio": ("torchaudio", "audio"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "submitit": ("submitit", None),
 }
+# timm without its dependencies, as scripts/install.sh does: its torchvision requirement would
+# replace a CPU torch (anymodal.core.timm_compat supplies what timm needs from torchvision)
+COMMANDS = {"timm": 'pip install --no-deps "timm>=1.0,<2"', "submitit": "pip install submitit"}
+
+
+def source_checkout() -> Optional[Path]:
+    """The clone this anymodal runs from (``pip install -e .``, or the clone on ``sys.path``), or
+    None for an installed package. The import package is the clone's root folder (pyproject's
+    ``package-dir``), so a clone is a package folder that holds ``pyproject.toml``."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def install_command(extra: str, checkout: Optional[Path], cwd: Path) -> str:
+    """The pip command that adds an optional-dependencies ``extra``: to the clone in editable mode
+    (``"."`` when ``cwd`` is the clone), or to the installed package."""
+    if checkout is None:
+        return f'pip install "anymodal[{extra}]"'
+    where = "." if checkout.resolve() == cwd.resolve() else str(checkout)
+    return f'pip install -e "{where}[{extra}]"'
 
 
 def _extra_line(module: str, dist: str, need: str) -> str:
@@ -63,7 +85,10 @@ def doctor_report() -> str:
     lines = [f"anymodal {__version__} ({Path(__file__).resolve().parent.parent})",
              f"python {platform.python_version()} ({sys.executable})",
              f"torch {torch.__version__}", *_cuda_lines(), "optional extras:"]
-    lines += [_extra_line(module, dist, need) for module, (dist, need) in EXTRAS.items()]
+    checkout, cwd = source_checkout(), Path.cwd()
+    for module, (dist, extra) in EXTRAS.items():
+        need = COMMANDS[module] if extra is None else install_command(extra, checkout, cwd)
+        lines.append(_extra_line(module, dist, need))
     lines.append(_clip_vocab_line())
     components = load_components(skip_broken=True)
     lines.append("plugins:")

@@ -1,16 +1,26 @@
 """Frozen-backbone evaluation: linear probe and k-NN on a labelled split, next to a randomly
-initialized encoder, plus pictures (loss curve, reconstructions) written into the run folder."""
+initialized encoder, plus pictures (loss curve, reconstructions) written into the run folder.
+
+Each phase (features of each encoder and split, each probe fit, retrieval, pictures) is logged
+with its sizes as it starts, and feature extraction shows a progress bar on a terminal. SIGTERM or
+SIGINT stops eval with `EvalInterrupted`, which says what was written: a rerun starts over.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import signal
+import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from .backbone import Backbone
 from .build import build_backbone, build_dataset, build_objectives, build_teacher
@@ -21,7 +31,56 @@ from .device import resolve_device
 from .export import load_exported
 from .runfolder import RunFolder
 
-__all__ = ["extract_features", "linear_probe", "knn_accuracy", "evaluate_run", "format_table", "subset"]
+__all__ = ["extract_features", "linear_probe", "knn_accuracy", "evaluate_run", "format_table", "subset",
+           "EvalInterrupted", "write_atomic"]
+
+log = logging.getLogger("anymodal.eval")
+
+
+class EvalInterrupted(SystemExit):
+    """SIGTERM or SIGINT arrived during eval; the exit status is 128 + the signal.
+
+    Attributes:
+        signum: the signal.
+        written: the files eval had finished writing (a rerun writes them all again).
+    """
+
+    def __init__(self, signum: int, written: Sequence[Path]) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.written = signum, list(written)
+
+    def __str__(self) -> str:
+        done = "wrote " + ", ".join(map(str, self.written)) if self.written else "nothing was written yet"
+        return f"stopped by {signal.Signals(self.signum).name}; {done}"
+
+
+@contextlib.contextmanager
+def _stop_on_signals(written: list[Path]) -> Iterator[None]:
+    """SIGTERM and SIGINT raise `EvalInterrupted` at once: eval keeps no state worth saving."""
+    def stop(signum: int, frame: Any) -> None:
+        raise EvalInterrupted(signum, written)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+            old[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` then rename over ``path``: an interrupted eval leaves whole files or none."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
 
 def subset(dataset: Dataset, n: int, seed: int) -> Dataset:
     if len(dataset) <= n:
@@ -32,12 +91,13 @@ def subset(dataset: Dataset, n: int, seed: int) -> Dataset:
 
 @torch.no_grad()
 def extract_features(backbone: Backbone, dataset: Dataset, batch_size: int, device: torch.device,
-                     fields: Sequence[str] = ("label",)) -> tuple[Tensor, dict[str, Tensor]]:
-    """Pooled features ``[n, D]`` and each label field ``[n]`` of every sample, in eval mode."""
+                     fields: Sequence[str] = ("label",), progress: Optional[str] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pooled features ``[n, D]`` and each label field ``[n]`` of every sample, in eval mode;
+    with ``progress``, a bar of that name over the batches (on a terminal)."""
     backbone.eval()
     feats: list[Tensor] = []
     labels: dict[str, list[Tensor]] = {f: [] for f in fields}
-    for raw in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+    for raw in _batches(dataset, batch_size, progress):
         missing = [f for f in fields if f not in raw]
         if missing:
             raise ValueError(f"evaluation needs samples with the label fields {list(fields)} (eval.labels); "
@@ -47,6 +107,13 @@ def extract_features(backbone: Backbone, dataset: Dataset, batch_size: int, devi
         for f in fields:
             labels[f].append(raw[f].cpu())
     return torch.cat(feats), {f: torch.cat(v) for f, v in labels.items()}
+
+
+def _batches(dataset: Dataset, batch_size: int, progress: Optional[str]) -> Any:
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    if progress is None:
+        return loader
+    return tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True, disable=None)  # None: off when not a terminal
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, iters: int = 100,
@@ -84,16 +151,25 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     return correct / len(xte)
 
 
-def probe(backbone: Backbone, train: Dataset, test: Dataset, ev: Any, device: torch.device) -> dict[str, float]:
+def probe(backbone: Backbone, train: Dataset, test: Dataset, ev: Any, device: torch.device,
+          name: str = "encoder", progress: bool = False) -> dict[str, float]:
     """Linear-probe and k-NN accuracy for each of ``ev.labels``; the first field's keys are
-    ``linear_probe`` and ``knn``, another field's ``<field>/linear_probe`` and ``<field>/knn``."""
+    ``linear_probe`` and ``knn``, another field's ``<field>/linear_probe`` and ``<field>/knn``.
+    Each phase is logged under ``name``; ``progress`` shows bars over the feature batches."""
     fields = list(ev.labels)
-    xtr, ytr = extract_features(backbone, train, ev.batch_size, device, fields)
-    xte, yte = extract_features(backbone, test, ev.batch_size, device, fields)
+    features = {}
+    for split, data in (("train", train), ("test", test)):
+        log.info("%s: features of the %s split, %d samples in batches of %d", name, split, len(data), ev.batch_size)
+        features[split] = extract_features(backbone, data, ev.batch_size, device, fields,
+                                           f"{name} {split}" if progress else None)
+    (xtr, ytr), (xte, yte) = features["train"], features["test"]
     out = {}
     for i, f in enumerate(fields):
         prefix = "" if i == 0 else f"{f}/"
+        log.info("%s: linear probe of %s on %d x %d features (%d L-BFGS iterations), tested on %d",
+                 name, f, *xtr.shape, ev.probe_iters, len(xte))
         out[prefix + "linear_probe"] = linear_probe(xtr, ytr[f], xte, yte[f], ev.probe_iters, ev.probe_l2)
+        log.info("%s: k-NN of %s (k=%d), %d queries against %d", name, f, ev.knn_k, len(xte), len(xtr))
         out[prefix + "knn"] = knn_accuracy(xtr, ytr[f], xte, yte[f], ev.knn_k)
     return out
 
@@ -111,15 +187,16 @@ def stage_objectives(folder: RunFolder, components: Any, backbone: Backbone, nam
 
 @torch.no_grad()
 def retrieval(objective: nn.Module, backbone: Backbone, dataset: Dataset, batch_size: int,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device, progress: Optional[str] = None) -> dict[str, float]:
     """Zero-shot retrieval R@1/R@5 both ways between samples and their partners (captions).
 
     Identical captions are interchangeable: retrieving any sample whose caption equals the query's
     counts as a hit (label-derived captions repeat, which makes this zero-shot classification).
+    With ``progress``, a bar of that name over the batches (on a terminal).
     """
     backbone.eval()
     za, zb, keys = [], [], []
-    for raw in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+    for raw in _batches(dataset, batch_size, progress):
         raw = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in raw.items()}
         za.append(objective.embed_sample(raw, backbone).float().cpu())
         zb.append(objective.embed_partner(raw, backbone).float().cpu())
@@ -160,23 +237,56 @@ def format_retrieval(retrieval: dict[str, dict[str, float]]) -> str:
 
 
 def evaluate_run(run_dir: Path, components: Any, pictures: Optional[bool] = None) -> dict[str, Any]:
-    """Probe the run's exported backbone and a random-init one; write ``eval/`` and return the results."""
-    folder = RunFolder(Path(run_dir))
+    """Probe the run's exported backbone and a random-init one; write ``eval/`` and return the results.
+
+    Raises:
+        EvalInterrupted: SIGTERM or SIGINT arrived; it lists the files written so far.
+    """
+    folder, written = RunFolder(Path(run_dir)), []
+    start = time.perf_counter()
+    with _stop_on_signals(written):
+        summary = _evaluate(folder, components, pictures, written)
+    log.info("eval of %s done in %.0f s: %s", folder.root, time.perf_counter() - start, ", ".join(p.name for p in written))
+    return summary
+
+
+def _evaluate(folder: RunFolder, components: Any, pictures: Optional[bool], written: list[Path]) -> dict[str, Any]:
     cfg = load_run_config(folder.root)
     device = resolve_device(cfg.run.device)
-    ev = cfg.eval
-    train = subset(build_dataset(cfg, "train", components), ev.max_train, cfg.run.seed)
-    test = subset(build_dataset(cfg, "test", components), ev.max_test, cfg.run.seed)
+    ev, progress = cfg.eval, bool(cfg.run.progress)
+    trained = load_exported(build_backbone(cfg, components), folder.export).to(device)  # a bad file fails first
     torch.manual_seed(cfg.run.seed)
     random_init = build_backbone(cfg, components).to(device)
-    trained = load_exported(build_backbone(cfg, components), folder.export).to(device)
+    log.info("eval of %s on %s: building the train and test datasets", folder.root, device)
+    train = subset(build_dataset(cfg, "train", components), ev.max_train, cfg.run.seed)
+    test = subset(build_dataset(cfg, "test", components), ev.max_test, cfg.run.seed)
+    log.info("%d train and %d test samples (eval.max_train=%d, eval.max_test=%d)", len(train), len(test), ev.max_train, ev.max_test)
     label = f"pre-trained ({cfg.recipe.name})"
-    results = {label: probe(trained, train, test, ev, device), "random init": probe(random_init, train, test, ev, device)}
+    results = {name: probe(model, train, test, ev, device, name, progress)
+               for name, model in ((label, trained), ("random init", random_init))}
     folder.eval.mkdir(parents=True, exist_ok=True)
     table = format_table(results, ev.knn_k, list(ev.labels))
     summary = {"run": str(folder.root), "train_samples": len(train), "test_samples": len(test), "results": results,
-               "retrieval": {}}
-    few = subset(test, ev.retrieval_samples, cfg.run.seed)
+               "retrieval": _retrievals(folder, cfg, components, trained, subset(test, ev.retrieval_samples, cfg.run.seed),
+                                        device, progress)}
+    written.append(write_atomic(folder.eval / "results.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))))
+    if summary["retrieval"]:
+        table += "\n\n" + format_retrieval(summary["retrieval"])
+    written.append(write_atomic(folder.eval / "table.md", lambda tmp: tmp.write_text(table + "\n")))
+    if ev.pictures if pictures is None else pictures:
+        from .pictures import plot_loss_curve, plot_reconstructions
+
+        log.info("pictures (loss curve, reconstructions) into %s", folder.eval)
+        written.extend(p for p in [plot_loss_curve(folder)] if p is not None)
+        written.extend(plot_reconstructions(folder, cfg, components, trained, test, device))
+    summary["table"] = table
+    return summary
+
+
+def _retrievals(folder: RunFolder, cfg: Any, components: Any, trained: Backbone, few: Dataset, device: torch.device,
+                progress: bool) -> dict[str, dict[str, float]]:
+    """Retrieval of every finished stage's objective that embeds a partner (captions)."""
+    out = {}
     for name, stage in cfg.recipe.stages.items():
         objectives = None
         for label, node, _ in objective_nodes(stage):
@@ -184,15 +294,7 @@ def evaluate_run(run_dir: Path, components: Any, pictures: Optional[bool] = None
                 continue
             objectives = objectives or stage_objectives(folder, components, trained, name, stage)
             if objectives is not None:
-                summary["retrieval"][f"{name}/{label}"] = retrieval(objectives[label], trained, few, ev.batch_size, device)
-    (folder.eval / "results.json").write_text(json.dumps(summary, indent=2))
-    if summary["retrieval"]:
-        table += "\n\n" + format_retrieval(summary["retrieval"])
-    (folder.eval / "table.md").write_text(table + "\n")
-    if ev.pictures if pictures is None else pictures:
-        from .pictures import plot_loss_curve, plot_reconstructions
-
-        plot_loss_curve(folder)
-        plot_reconstructions(folder, cfg, components, trained, test, device)
-    summary["table"] = table
-    return summary
+                log.info("retrieval of %s/%s, %d samples and their partners", name, label, len(few))
+                out[f"{name}/{label}"] = retrieval(objectives[label], trained, few, cfg.eval.batch_size, device,
+                                                   f"retrieval {name}/{label}" if progress else None)
+    return out

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
-from .checkpoint import load_model_state
+from .checkpoint import CheckpointError, load_model_state
+from .runfolder import RunFolder
 
-__all__ = ["export_backbone", "load_exported"]
+__all__ = ["export_backbone", "load_exported", "read_exported"]
 
 WEIGHTS = "backbone.safetensors"
 CONFIG = "config.yaml"
@@ -31,5 +35,26 @@ def export_backbone(backbone: Backbone, cfg: DictConfig, folder: Path) -> Path:
 def load_exported(backbone: Backbone, folder: Path) -> Backbone:
     """Load exported weights into a backbone built from the same model and modality config."""
     path = Path(folder) / WEIGHTS
-    load_model_state(backbone, load_file(str(path)), f"exported backbone {path}")
+    load_model_state(backbone, read_exported(path), f"exported backbone {path}")
     return backbone
+
+
+def read_exported(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an exported ``backbone.safetensors``.
+
+    Raises:
+        CheckpointError: the file is missing, or corrupt or truncated (the message says how to write it again).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"exported backbone {path} does not exist; {_export_again(path.parent)}")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:  # the header or the tensors it lists do not fit the file
+        raise CheckpointError(f"exported backbone {path} is corrupt or truncated ({e}); {_export_again(path.parent)}") from e
+
+
+def _export_again(folder: Path) -> str:
+    if folder.name == "export" and RunFolder(folder.parent).config.is_file():  # a run folder's export/
+        return f"write it from the run's last checkpoint with: anymodal export {folder.parent}"
+    return f"write it from a run's checkpoint with: anymodal export RUN_DIR --out {folder}"

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from .backbone import Backbone  # noqa: E402
 from .build import build_masker  # noqa: E402
 from .data import collate  # noqa: E402
-from .evaluate import stage_objectives  # noqa: E402
+from .evaluate import stage_objectives, write_atomic  # noqa: E402
 from .objective import Batch  # noqa: E402
 from .runfolder import RunFolder  # noqa: E402
 
@@ -36,10 +36,7 @@ def plot_loss_curve(folder: RunFolder) -> Optional[Path]:
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=folder.root.name)
     ax.legend()
     fig.tight_layout()
-    path = folder.eval / "loss_curve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, folder.eval / "loss_curve.png")
 
 
 @torch.no_grad()
@@ -92,6 +89,11 @@ def _grid(rows: list[torch.Tensor], titles: list[str], path: Path) -> Path:
             ax.set_yticks([])
         axes[r][0].set_ylabel(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
