@@ -7,21 +7,25 @@ either the previous checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["save_atomic", "load_checkpoint", "CheckpointError", "StateMismatchError", "rng_state", "set_rng_state", "load_model_state"]
+from .errors import UserError
+
+__all__ = ["save_atomic", "load_checkpoint", "CheckpointError", "StateMismatchError", "rng_state", "set_rng_state",
+           "load_model_state", "checkpoint_part", "shard_folder", "read_weights_file"]
 
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read, or that belongs to another model."""
 
 
@@ -30,14 +34,30 @@ class StateMismatchError(CheckpointError, ValueError):
 
 
 def save_atomic(state: Mapping[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` through a temporary file, so a kill leaves the old file or the new one.
+
+    Raises:
+        CheckpointError: the disk is full (or the write failed); the partial file is removed and the
+            message names the last good checkpoint.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        os_error = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
+        if os_error is None:
+            raise
+        # torch's zip writer reports a failed write as a RuntimeError whose context is the OSError
+        reason = "no space left on device" if os_error.errno in (errno.ENOSPC, errno.EDQUOT) else str(os_error)
+        good = path if path.is_file() else "none (this was the first)"
+        raise CheckpointError(f"{reason} while writing {path}; the last good checkpoint is {good}") from e
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -56,6 +76,52 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an anymodal checkpoint (format {state.get('format') if isinstance(state, dict) else '?'})")
+    return state
+
+
+def checkpoint_part(state: Mapping[str, Any], key: str, path: Path) -> Any:
+    """``state[key]``, or a CheckpointError saying which checkpoint lacks it (a file of another kind)."""
+    if key not in state:
+        raise CheckpointError(f"checkpoint {path} has no {key!r} entry (it holds {', '.join(map(str, state)) or 'nothing'}): "
+                              f"not a checkpoint of this kind")
+    return state[key]
+
+
+def shard_folder(path: Path, state: Mapping[str, Any]) -> Optional[Path]:
+    """The shard folder a sharded (FSDP) checkpoint names, or None for a whole checkpoint.
+
+    The name comes from the file, so it is confined: one plain ``shards-*`` entry of the
+    checkpoint's own folder (no absolute path, no ``..``, no link out of it). Reading a folder
+    anywhere would let a crafted checkpoint choose which files torch.distributed.checkpoint reads.
+    """
+    if "shards" not in state:
+        return None
+    path = Path(path)
+    name = state["shards"]
+    plain = isinstance(name, str) and name.startswith("shards-") and os.sep not in name and "/" not in name
+    folder = path.parent / name if plain else None
+    if folder is None or not folder.is_dir() or folder.resolve().parent != path.parent.resolve():
+        raise CheckpointError(f"checkpoint {path} names shard folder {name!r}, which is not a shards-* folder beside it "
+                              f"in {path.parent}: refusing to read it")
+    return folder
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (tensors only), with a CheckpointError for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise several types for torn or foreign files
+        raise CheckpointError(f"weights file {path} cannot be read ({type(e).__name__}: {e})") from e
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"weights file {path} does not hold a state dict of tensors")
     return state
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -12,9 +14,10 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ..plugins.manager import PluginError, load_components
-from .checkpoint import CheckpointError
-from .config import ConfigError, compose, load_run_config, validate
+from ..plugins.manager import load_components
+from .config import compose, load_run_config, validate
+from .errors import UserError
+from .runfolder import RunFolder
 from .trainer import NonFiniteLossError
 
 __all__ = ["main", "load_config"]
@@ -39,27 +42,61 @@ def _log_to(folder: Path) -> None:
     logging.getLogger().addHandler(handler)
 
 
-def train(config: str, overrides: Sequence[str], run_dir: Optional[str] = None, resume: bool = False) -> Path:
+def _resume_config(folder: RunFolder, overrides: Sequence[str], allow_changes: bool):
+    """The run's saved config with the resume's overrides applied, and what they change (refused when
+    they would alter the weights, unless ``allow_changes``)."""
+    from .resume import ResumeChangeError, config_changes, harmful
+
+    recorded = folder.recorded_overrides()
+    saved = compose(str(folder.config), recorded)  # as saved: plugin defaults are in it already
+    composed, components = load_config(str(folder.config), [*recorded, *overrides])
+    changes = config_changes(saved.cfg, composed.cfg)
+    refused = harmful(changes)
+    if refused and not allow_changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ResumeChangeError(f"--resume continues {folder.root} with its saved config ({folder.config}); these overrides "
+                                f"would make it differ from an uninterrupted run: {listed}. Pass --allow-changes to "
+                                f"resume with them anyway (they are recorded in {folder.changes.name}), or start a new run")
+    return composed, components, changes
+
+
+def train(config: Optional[str], overrides: Sequence[str], run_dir: Optional[str] = None, resume: bool = False,
+          allow_changes: bool = False) -> Path:
+    """Run a config's recipe in a run folder; with ``resume``, continue the folder's run from its saved config."""
     from .trainer import Trainer
 
     from .device import resolve_device
     from .distributed import init_from_env, rank, shutdown
 
-    composed, components = load_config(config, overrides)
+    composed = components = None
+    if config is not None:
+        composed, components = load_config(config, overrides)
+        folder = RunFolder(Path(run_dir) if run_dir else Path(composed.cfg.run.out_dir) / composed.cfg.run.name)
+    elif run_dir and resume:
+        folder = RunFolder(Path(run_dir))
+    else:
+        raise UserError("name a config to train (e.g. `anymodal train default`), or resume a run folder: "
+                        "`anymodal train --resume --run-dir DIR`")
+    changes: dict = {}
+    if resume and folder.last.is_file() and folder.config.is_file():
+        composed, components, changes = _resume_config(folder, overrides, allow_changes)
+    elif composed is None:  # nothing was trained yet: start again from the folder's saved config
+        if not folder.config.is_file():
+            raise UserError(f"{folder.root} holds no run to resume; name a config to start one there")
+        composed, components = load_config(str(folder.config), overrides)
     cfg = composed.cfg
-    folder = Path(run_dir) if run_dir else Path(cfg.run.out_dir) / cfg.run.name
     # under torchrun or a multi-task Slurm job: join the process group the environment describes
     created = init_from_env(resolve_device(cfg.run.device).type)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if rank() == 0:
-            _log_to(folder)
-        log.info("run folder %s; config from %s", folder, ", ".join(composed.files))
-        Trainer(cfg, components, folder, resume=resume).run()
+        with folder.lock() if rank() == 0 else contextlib.nullcontext():  # one run per folder
+            if rank() == 0:
+                _log_to(folder.root)
+            log.info("run folder %s; config from %s", folder.root, ", ".join(composed.files))
+            Trainer(cfg, components, folder.root, resume=resume, changes=changes).run()
     finally:
         if created:
             shutdown()
-    return folder
+    return folder.root
 
 
 def evaluate(run_dir: str, pictures: Optional[bool] = None) -> dict:
@@ -70,13 +107,31 @@ def evaluate(run_dir: str, pictures: Optional[bool] = None) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    folder = train(args.config, args.overrides, args.run_dir, args.resume)
+    from .trainer import Preempted
+
+    if args.config and "=" in args.config:  # `anymodal train --resume a.b=c`: an override, not a config file
+        args.overrides, args.config = [args.config, *args.overrides], None
+    try:
+        folder = train(args.config, args.overrides, args.run_dir, args.resume, args.allow_changes)
+    except Preempted as stop:
+        where = stop.checkpoint.parent.parent if stop.checkpoint else None
+        print(f"anymodal train: stopped by signal {stop.signum}; " + (
+            f"checkpoint {stop.checkpoint}; resume with: anymodal train --resume --run-dir {where}" if where else
+            "no checkpoint was written yet: start the run again"), file=sys.stderr)
+        raise
     print(f"finished: {folder}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    summary = evaluate(args.run_dir, False if args.no_pictures else None)
+    from .evaluate import EvalInterrupted
+
+    try:
+        summary = evaluate(args.run_dir, False if args.no_pictures else None)
+    except EvalInterrupted as stop:
+        again = shlex.join(["anymodal", "eval", args.run_dir, *(["--no-pictures"] if args.no_pictures else [])])
+        print(f"anymodal eval: {stop}; run it again with: {again}", file=sys.stderr)
+        raise
     print(summary["table"])
     return 0
 
@@ -182,7 +237,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .build import build_backbone
-    from .checkpoint import load_checkpoint, load_model_state
+    from .checkpoint import checkpoint_part, load_checkpoint, load_model_state, shard_folder
     from .export import export_backbone
     from .runfolder import RunFolder
 
@@ -191,12 +246,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     backbone = build_backbone(cfg, load_components(cfg.plugins))
     ckpt = Path(args.checkpoint) if args.checkpoint else folder.last
     state = load_checkpoint(ckpt)
-    if "shards" in state:  # FSDP: the weights are in the shard folder it names
+    shards = shard_folder(ckpt, state)
+    if shards is not None:  # FSDP: the weights are in the shard folder it names
         from .parallel import load_backbone_from_shards
 
-        load_backbone_from_shards(ckpt.parent / state["shards"], backbone)
+        load_backbone_from_shards(shards, backbone)
     else:
-        load_model_state(backbone, state["backbone"], f"checkpoint {ckpt}")
+        load_model_state(backbone, checkpoint_part(state, "backbone", ckpt), f"checkpoint {ckpt}")
     out = export_backbone(backbone, cfg, Path(args.out) if args.out else folder.export)
     print(f"exported {out}")
     return 0
@@ -213,9 +269,14 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")
 
     s = sub.add_parser("train", help="run a config's recipe")
-    with_config(s)
+    s.add_argument("config", nargs="?", help="config file or packaged config name (e.g. default); "
+                   "not needed with --resume --run-dir")
+    s.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")
     s.add_argument("--run-dir", help="run folder (default: run.out_dir/run.name)")
-    s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run folder's last checkpoint, with the config saved in the folder")
+    s.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept overrides that change the run (recorded in config-changes.jsonl)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("submit", help="run a config's recipe as a Slurm job (through submitit); --sweep makes a job array")
@@ -281,7 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (ConfigError, PluginError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (UserError, FileExistsError, FileNotFoundError) as e:
         print(f"anymodal {args.command}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

@@ -93,18 +93,29 @@ def save_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     dcp.save(_sharded_state(model, optimizer, teacher), checkpoint_id=str(path))
 
 
-def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> None:
-    """Load `save_shards`' folder into the (possibly differently) sharded model, optimizer and teacher."""
+def _load(state: dict[str, Any], path: Path, partial: bool = False) -> None:
+    """torch.distributed.checkpoint's load, with nothing from the folder unpickled unrestricted."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from .checkpoint import CheckpointError
+    from .safe_shards import SafeLoadPlanner, SafeShardReader
 
-    state = _sharded_state(model, optimizer, teacher)
+    SafeShardReader(path).read_metadata()  # its own clear error for a crafted or torn folder, before DCP wraps it
+    planner = SafeLoadPlanner(allow_partial_load=partial)
     try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises its own types for missing keys and shape mismatches
-        raise CheckpointError(f"sharded checkpoint {path} does not fit this model ({type(e).__name__}: "
-                              f"{str(e)[:400]})") from e
+        dcp.load(state, storage_reader=SafeShardReader(path), planner=planner)
+    except (Exception, CheckpointException) as e:  # DCP's (a BaseException) carries every rank's error
+        if planner.refused is not None:
+            raise planner.refused from e
+        raise CheckpointError(f"sharded checkpoint {path} cannot be loaded into this model ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[-400:]})") from e
+
+
+def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> None:
+    """Load `save_shards`' folder into the (possibly differently) sharded model, optimizer and teacher."""
+    state = _sharded_state(model, optimizer, teacher)
+    _load(state, path)
     api = _state_dict_api()
     api.set_model_state_dict(model, state["model"])
     api.set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -114,9 +125,6 @@ def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
 def load_backbone_from_shards(path: Path, backbone: nn.Module) -> None:
     """The backbone's weights alone from a `save_shards` folder, in one process (export)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
     state = {"model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}
-    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    _load(state, path, partial=True)
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in state["model"].items()})

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone
-from .checkpoint import load_checkpoint, load_model_state
+from .checkpoint import StateMismatchError, checkpoint_part, load_checkpoint, load_model_state, read_weights_file
 from .encoder import Encoded
 from .objective import Batch
 from .tokens import Tokens
@@ -116,7 +116,7 @@ class StageTeacher(BackboneTeacher):
             raise FileNotFoundError(f"teacher {{name: stage, stage: {stage}}} needs {path}, which this run has not written: "
                                     f"is stage {stage!r} listed before the stage that uses it?")
         backbone = copy.deepcopy(student)
-        load_model_state(backbone, load_checkpoint(path)["backbone"], f"stage teacher {path}")
+        load_model_state(backbone, checkpoint_part(load_checkpoint(path), "backbone", path), f"stage teacher {path}")
         super().__init__(backbone)
         self.stage = stage
 
@@ -143,10 +143,10 @@ class TimmTeacher(nn.Module):
         timm = import_timm()
         self.net = timm.create_model(model, pretrained=False, num_classes=0, **(model_kwargs or {}))
         if checkpoint:
-            result = self.net.load_state_dict(_read_weights(checkpoint), strict=False)
+            result = self.net.load_state_dict(read_weights_file(checkpoint), strict=False)
             unexpected = [k for k in result.unexpected_keys if not k.startswith("head")]
             if result.missing_keys or unexpected:
-                raise ValueError(f"timm teacher {model}: {checkpoint} does not fit (missing {result.missing_keys[:4]}, "
+                raise StateMismatchError(f"timm teacher {model}: {checkpoint} does not fit (missing {result.missing_keys[:4]}, "
                                  f"unexpected {unexpected[:4]})")
         else:
             log.warning("timm teacher %s has no checkpoint: it is randomly initialized", model)
@@ -174,12 +174,3 @@ class TimmTeacher(nn.Module):
                              f"{tokens.num_tokens}: match the teacher's img_size/patch_size to the student's")
         cls = self.net.forward_head(full, pre_logits=True) if self.prefix else feats.mean(1)
         return Encoded(Tokens(feats, tokens.pos, tokens.padding, tokens.grid, tokens.targets, tokens.modality), cls, kept)
-
-
-def _read_weights(path: str) -> dict:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -31,10 +30,12 @@ from tqdm import tqdm
 
 from .backbone import Backbone
 from .build import build_backbone, build_dataset, build_masker, build_objectives, build_teacher, build_transforms
-from .checkpoint import load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state
-from .config import SCRATCH, save_config
+from .checkpoint import (CheckpointError, checkpoint_part, load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state,
+                         shard_folder)
+from .config import SCRATCH, objective_nodes, save_config
 from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
-from .data import AugmentedDataset, make_loader, mix_seed
+from .data import AugmentedDataset, collate, make_loader, mix_seed
+from .errors import DataError
 from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
 from .monitor import OnlineMonitor
 from .parallel import full_optimizer_state, grad_norm_value, load_optimizer_state, load_shards, parallelize, save_shards
@@ -52,7 +53,16 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preempted(SystemExit):
-    """SIGTERM/SIGUSR1 arrived: the run checkpointed and exits so it can be resumed."""
+    """SIGTERM/SIGUSR1 arrived: the run checkpointed and exits so it can be resumed.
+
+    Attributes:
+        signum: the signal.
+        checkpoint: the checkpoint to resume from (None when none was written yet).
+    """
+
+    def __init__(self, signum: int, checkpoint: Optional[Path]) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.checkpoint = signum, checkpoint
 
 
 def stage_steps(stage: Any, num_samples: int, batch_size: int) -> int:
@@ -130,12 +140,14 @@ class Trainer:
         components: the loaded plugin components.
         run_dir: the run folder.
         resume: continue from ``checkpoints/last.pt`` if it exists.
+        changes: config changes this resume makes (key -> (before, after)), recorded in the folder.
     """
 
-    def __init__(self, cfg: DictConfig, components: Any, run_dir: Path, resume: bool = False) -> None:
+    def __init__(self, cfg: DictConfig, components: Any, run_dir: Path, resume: bool = False,
+                 changes: Optional[dict[str, tuple[Any, Any]]] = None) -> None:
         self.cfg, self.components = cfg, components
         self.folder = RunFolder(Path(run_dir))
-        self.resume = resume
+        self.resume, self.changes = resume, changes or {}
         self.rank, self.world = rank(), world_size()
         self.main = self.rank == 0  # the one process that writes to the run folder
         device = resolve_device(cfg.run.device)
@@ -156,45 +168,61 @@ class Trainer:
     # ---- the recipe -------------------------------------------------------------------------
     def run(self) -> None:
         stages = list(self.cfg.recipe.stages.items())
+        names = [n for n, _ in stages]
         state = None
+        if self.main:
+            self.folder.clean_orphans()
         if self.resume and self.folder.last.is_file():
-            state = load_checkpoint(self.folder.last)
-            names = [n for n, _ in stages]
-            if state["stage"] not in names:
-                raise RuntimeError(f"{self.folder.last} is from stage {state['stage']!r}, which this recipe "
-                                   f"({', '.join(names)}) does not have")
-            # refuse a checkpoint of another model before anything in the folder is touched
-            # (a sharded checkpoint is checked when it is loaded into the sharded model)
-            if "shards" not in state:
-                load_model_state(self.backbone, state["backbone"], f"checkpoint {self.folder.last} (backbone)")
+            state = self._read_last(names)
             if self.main:
-                self._truncate_metrics(state)
+                self.folder.keep_metrics_until(names, state["stage"], int(state["step"]))
+                if self.changes:
+                    self.folder.record_changes(self.changes, state["stage"], int(state["step"]))
             log.info("resuming stage %s at step %d from %s", state["stage"], state["step"], self.folder.last)
         elif self.folder.last.is_file():
-            raise FileExistsError(f"{self.folder.root} already holds a run; pass --resume to continue it or choose another folder")
-        if self.main:
+            raise FileExistsError(f"{self.folder.root} already holds a run (checkpoint {self.folder.last}): continue it "
+                                  f"with --resume, or start a new run in another folder with --run-dir DIR or run.name=NAME")
+        elif self.main:  # a fresh start: what an attempt killed before its first checkpoint wrote goes
+            self.folder.keep_metrics_until(names, None, 0)
+            self.folder.drop_shards_except(None)
             save_config(self.cfg, self.folder.config)
         started = state is None
-        for index, (name, stage) in enumerate(stages):
-            if not started:
-                if name != state["stage"]:
-                    continue  # finished before the checkpoint; its weights are in the checkpoint
-                started = True
-                self._train_stage(index, name, stage, state)
-            else:
-                self._train_stage(index, name, stage, None)
-        if self.main:
-            self.export()
+        with _Signals() as self.signals:  # one handler for the whole run: stage boundaries included
+            for index, (name, stage) in enumerate(stages):
+                if not started:
+                    if name != state["stage"]:
+                        continue  # finished before the checkpoint; its weights are in the checkpoint
+                    started = True
+                    self._train_stage(index, name, stage, state)
+                else:
+                    self._train_stage(index, name, stage, None)
+            if self.main:
+                self.export()
 
-    def _truncate_metrics(self, state: dict[str, Any]) -> None:
-        """Drop metric lines written after the checkpoint, so the resumed run's file is continuous."""
-        kept, done = [], False
-        for rec in self.folder.read_metrics():
-            if rec.get("stage") == state["stage"] and rec.get("step", 0) > state["step"]:
-                done = True
-            if not done:
-                kept.append(rec)
-        self.folder.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def _read_last(self, names: list[str]) -> dict[str, Any]:
+        """``last.pt``, checked to be a training checkpoint of this recipe and model before anything is touched."""
+        path = self.folder.last
+        state = load_checkpoint(path)
+        for key in ("stage", "step", "scaler", "rng"):
+            checkpoint_part(state, key, path)
+        if state["stage"] not in names:
+            raise CheckpointError(f"{path} is from stage {state['stage']!r}, which this recipe ({', '.join(names)}) "
+                                  f"does not have")
+        # a sharded checkpoint is checked when it is loaded into the sharded model
+        if shard_folder(path, state) is None:
+            for key in ("objectives", "optimizer"):
+                checkpoint_part(state, key, path)
+            load_model_state(self.backbone, checkpoint_part(state, "backbone", path), f"checkpoint {path} (backbone)")
+        return state
+
+    def _preempt(self, name: str, step: int) -> None:
+        """Hand the signal to the launcher's handler (submitit requeues), then exit resumable."""
+        barrier()  # no rank exits (and makes the launcher kill the rest) before rank 0's save
+        signum = self.signals.received or signal.SIGTERM  # another rank may have seen it
+        last = self.folder.last if self.folder.last.is_file() else None
+        log.warning("stopped by signal %d at stage %s step %d; checkpoint: %s", signum, name, step, last or "none yet")
+        self.signals.hand_over(signum)
+        raise Preempted(signum, last)
 
     def _initial_weights(self) -> dict[str, Any]:
         """The backbone's weights at the start of the run (same seed, same construction)."""
@@ -209,7 +237,8 @@ class Trainer:
             self.backbone.load_state_dict(self._initial_weights())
         elif stage.init_from and state is None:
             path = self.folder.final(stage.init_from)
-            load_model_state(self.backbone, load_checkpoint(path)["backbone"], f"stage {name} init_from {path}")
+            load_model_state(self.backbone, checkpoint_part(load_checkpoint(path), "backbone", path),
+                             f"stage {name} init_from {path}")
         teacher = build_teacher(stage, self.components, self.backbone, self.folder)
         if teacher is not None:
             teacher.to(self.device)
@@ -226,7 +255,7 @@ class Trainer:
         model = StepForward(self.backbone, objectives, weights)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         step = 0
-        shards = self.folder.checkpoints / state["shards"] if state is not None and "shards" in state else None
+        shards = shard_folder(self.folder.last, state) if state is not None else None
         if state is not None and shards is None:  # whole weights go in before sharding; optimizer state after
             load_model_state(objectives, state["objectives"], f"checkpoint {self.folder.last} (objectives of stage {name})")
             if "teacher" in state:
@@ -234,8 +263,10 @@ class Trainer:
         if state is not None:
             scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
-        if step >= total:
+        if step >= total:  # the checkpoint is this stage's end
+            self._stage_ended(name, state, shards)
             return
+        self._dry_run(name, stage, model, masker, teacher, dataset)
         compile_for(cfg.run.compile, model, objectives, teacher, cfg.run.cuda_graphs)
         forward = parallelize(cfg.run.parallel, self.world, model, teacher)
         optimizer = build_optimizer(model, stage.optim, self.device)  # after sharding: FSDP swaps the parameters
@@ -248,48 +279,89 @@ class Trainer:
         loader = make_loader(dataset, batch_size, mix_seed(cfg.run.seed, index), start_step=step,
                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                              rank=self.rank, world=self.world)
+        skipped = len(getattr(dataset.dataset, "skipped", ()))  # corrupt files the dataset's scan left out
         model.train()
+        if self.world == 1 and self.signals.received:  # arrived between stages: the checkpoint is consistent
+            self._preempt(name, step)
         bar = tqdm(total=total, initial=step, desc=name, disable=not (cfg.run.progress and self.main), dynamic_ncols=True)
         last_time, last_step = time.perf_counter(), step
-        with _Signals() as signals:
-            for raw in loader:
-                lr = lr_at(step, total, stage.optim.lr, stage.optim.warmup_steps, stage.optim.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                metrics, stop = self._step(index, name, step, raw, forward, masker, optimizer, scaler, stage, teacher,
-                                           signals.received)
-                step += 1
-                if hasattr(teacher, "update"):
-                    teacher.update(self.backbone, step, total)
-                bar.update(1)
-                if monitor is not None and step % cfg.eval.monitor_every == 0:
-                    watched = monitor(self.backbone)
-                    metrics.update(watched)
-                    bar.set_description(f"{name} knn={watched['monitor/knn']:.2f} rank={watched['monitor/rankme']:.1f}")
-                if self.main and (step % cfg.run.log_every == 0 or step == total):
-                    now = time.perf_counter()
-                    rate = (step - last_step) * batch_size / max(now - last_time, 1e-9)
-                    last_time, last_step = now, step
-                    self._log({"stage": name, "step": step, "lr": lr, "samples_per_s": rate, **metrics})
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
-                if step == total or step % cfg.run.checkpoint_every == 0 or stop:
-                    self._save(name, step, model, optimizer, scaler, teacher)
-                if stop:
-                    barrier()  # no rank exits (and makes the launcher kill the rest) before rank 0's save
-                    bar.close()
-                    signum = signals.received or signal.SIGTERM  # another rank may have seen it
-                    signals.hand_over(signum)  # e.g. submitit: requeue the job (rank 0), then exit
-                    raise Preempted(128 + signum)
-                if step >= total:
-                    break
+        for raw in loader:
+            lr = lr_at(step, total, stage.optim.lr, stage.optim.warmup_steps, stage.optim.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            metrics, stop = self._step(index, name, step, raw, forward, masker, optimizer, scaler, stage, teacher,
+                                       self.signals.received)
+            step += 1
+            if hasattr(teacher, "update"):
+                teacher.update(self.backbone, step, total)
+            bar.update(1)
+            if monitor is not None and step % cfg.eval.monitor_every == 0:
+                watched = monitor(self.backbone)
+                metrics.update(watched)
+                bar.set_description(f"{name} knn={watched['monitor/knn']:.2f} rank={watched['monitor/rankme']:.1f}")
+            if self.main and (step % cfg.run.log_every == 0 or step == total):
+                now = time.perf_counter()
+                rate = (step - last_step) * batch_size / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                extra = {"data/skipped": skipped} if skipped else {}
+                self._log({"stage": name, "step": step, "lr": lr, "samples_per_s": rate, **metrics, **extra})
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
+            if step == total:
+                weights = self._gather_weights(model)  # under FSDP: on every rank, once
+                if self.main:  # the stage's final weights go first, then the checkpoint that says the stage ended
+                    save_atomic({"stage": name, **weights}, self.folder.final(name))
+            if step == total or step % cfg.run.checkpoint_every == 0 or stop:
+                self._save(name, step, model, optimizer, scaler, teacher)
+            if stop:
+                bar.close()
+                self._preempt(name, step)
+            if step >= total:
+                break
         bar.close()
-        weights = self._gather_weights(model)  # under FSDP: on every rank, once
-        if self.main:
-            save_atomic({"stage": name, **weights}, self.folder.final(name))
         if self._sharded:  # the next stage starts from whole weights again
             self.backbone = build_backbone(cfg, self.components).to(self.device)
             load_model_state(self.backbone, weights["backbone"], f"stage {name} (gathered)")
-        barrier()  # the next stage's init_from and stage teacher read this file on every rank
+        barrier()  # the next stage's init_from and stage teacher read the final file on every rank
+        if self.world == 1 and self.signals.received:
+            self._preempt(name, step)
+
+    def _stage_ended(self, name: str, state: dict[str, Any], shards: Optional[Path]) -> None:
+        """Resuming from a checkpoint written at the stage's last step: the stage's final weights are
+        the backbone to carry on with (written from the checkpoint if a kill came between the two
+        files), and the RNG is restored as it was at that step, so the next stage starts as it would have."""
+        final = self.folder.final(name)
+        if not final.is_file():
+            if shards is not None:
+                raise CheckpointError(f"{self.folder.last} ends stage {name!r} but {final} is missing, and a sharded "
+                                      f"checkpoint cannot rebuild it outside FSDP; resume an earlier checkpoint")
+            if self.main:
+                save_atomic({"stage": name, "backbone": state["backbone"], "objectives": state["objectives"]}, final)
+            barrier()
+        if shards is not None:
+            load_model_state(self.backbone, checkpoint_part(load_checkpoint(final), "backbone", final), f"stage {name} final {final}")
+        set_rng_state(state["rng"])
+
+    def _dry_run(self, name: str, stage: Any, model: "StepForward", masker: Any, teacher: Optional[nn.Module], dataset: Any) -> None:
+        """One small batch through tokenizer, masker and every objective before the first step, so a field the
+        batch lacks is a clear error now, not a KeyError hours in. Leaves no trace: no gradients, RNG restored."""
+        samples = [dataset[(i, 0)] for i in range(min(2, len(dataset)))]
+        raw = _to_device(collate(samples), self.device)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast():
+            try:
+                model(raw, masker, torch.Generator().manual_seed(0), teacher)
+            except KeyError as e:
+                raise DataError(f"stage {name!r}: a tokenizer or objective needs batch field {e.args[0]!r}, which the "
+                                f"dataset's samples do not have (they have: {', '.join(sorted(samples[0]))})") from e
+            except Exception as e:  # a plugin's component that fails is named with its file:line; ours are bugs
+                used = [("tokenizer", self.cfg.modality.tokenizer.name), *(("objective", node["name"])
+                        for _, node, _ in objective_nodes(stage))]
+                if stage.masker:
+                    used.append(("masker", stage.masker.name))
+                failure = self.components.blame(used, e)
+                if failure is None:
+                    raise
+                raise failure from e
 
     def _step(self, index: int, name: str, step: int, raw: dict[str, Any], forward: nn.Module, masker: Any,
               optimizer: torch.optim.Optimizer, scaler: Any, stage: Any, teacher: Optional[nn.Module],
@@ -369,9 +441,7 @@ class Trainer:
             return
         save_atomic({"stage": name, "step": step, "shards": shards.name, "scaler": scaler.state_dict(), "rng": rng_state()},
                     self.folder.last)
-        for old in self.folder.checkpoints.glob("shards-*"):
-            if old != shards:
-                shutil.rmtree(old, ignore_errors=True)
+        self.folder.drop_shards_except(shards.name)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.folder.metrics.parent.mkdir(parents=True, exist_ok=True)

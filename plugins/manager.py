@@ -19,7 +19,7 @@ from .. import __version__
 from ..core.errors import UserError
 from ..core.registry import Registry, closest
 from . import hookspecs
-from .contract import check_tokenizer, describe_failure, factory_problems, plugin_home
+from .contract import check_tokenizer, describe_failure, factory_problems, plugin_home, raised_at
 
 __all__ = ["Components", "PluginError", "load_components", "component_failure", "ENTRY_POINT_GROUP", "KINDS", "HOOKS"]
 
@@ -62,6 +62,11 @@ class Components:
         if kind in registries:
             return registries[kind]
         raise AttributeError(kind)
+
+    def blame(self, used: Iterable[tuple[str, str]], error: BaseException) -> Optional["PluginError"]:
+        """The one-line error for ``error`` if it was raised in the code of one of ``used`` (kind, name)
+        components from an outside plugin; None otherwise (a bug of ours keeps its traceback)."""
+        return blame(self, used, error)
 
     def configure(self, config: Any) -> list[Mapping[str, Any]]:
         assert self.manager is not None
@@ -225,6 +230,17 @@ def component_failure(components: Components, kind: str, name: str, error: BaseE
         return None
     home = plugin_home(getattr(entry.factory, "__module__", None) or "")
     return PluginError(f"plugin {entry.plugin!r}: {kind} {name!r} raised {describe_failure(error, home)}")
+
+
+def blame(components: Components, used: Iterable[tuple[str, str]], error: BaseException) -> Optional[PluginError]:
+    """`component_failure` for the first of ``used`` (kind, name) pairs from an outside plugin whose code
+    ``error`` was raised in; None when it came from none of them (then it is a bug, with its traceback)."""
+    for kind, name in used:
+        entry = components.registries[kind].entry(name)
+        home = plugin_home(getattr(entry.factory, "__module__", None) or "")
+        if entry.plugin != BUILTIN_NAME and raised_at(error, home, fallback=False):
+            return component_failure(components, kind, name, error)
+    return None
 
 
 def _add_plugin(comps: Components, name: str, load: Callable[[], Any], origin: str, version: str) -> None:

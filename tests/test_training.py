@@ -64,7 +64,9 @@ def test_sigterm_checkpoints_and_resume_continues(reference_run, tmp_path):
     wait_for_step(run, 7, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    saved = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    last = run / "checkpoints" / "last.pt"
+    assert f"checkpoint {last}; resume with: anymodal train --resume --run-dir {run}" in proc.stderr.read()
+    saved = load_checkpoint(last)["step"]
     assert saved == losses(run)[-1][1]  # nothing done after the last checkpoint is lost
     anymodal(*args, "--resume")
     assert losses(run) == losses(reference_run)
@@ -77,7 +79,7 @@ def test_existing_run_needs_resume(reference_run):
 
 def test_checkpoint_from_another_model_is_refused(reference_run, tmp_path):
     proc = anymodal("train", "tiny-test", "--run-dir", reference_run, "--resume", "model.dim=32",
-                    "recipe.stages.pretrain.steps=40", check=False)
+                    "recipe.stages.pretrain.steps=40", "--allow-changes", check=False)
     assert proc.returncode == 2
     assert "do not fit this model" in proc.stderr and "shape" in proc.stderr and "Traceback" not in proc.stderr
 
