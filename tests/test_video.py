@@ -485,7 +485,9 @@ def test_npy_single_array_round_trip_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no .npy files"):
         NpyVideoDataset(str(tmp_path / "folder"))
     np.save(tmp_path / "folder" / "five.npy", videos)
-    with pytest.raises(ValueError, match=r"five.npy.*expected one video \[T, H, W, C\]"):
+    with pytest.raises(ValueError, match=r"1 skipped as corrupt.*five.npy.*expected one video \[T, H, W, C\]"):
         NpyVideoDataset(str(tmp_path / "folder"))
+    with pytest.raises(CorruptFileError, match=r"five.npy.*expected one video \[T, H, W, C\]"):
+        NpyVideoDataset(str(tmp_path / "folder"), strict=True)
     with pytest.raises(FileNotFoundError, match="neither"):
         NpyVideoDataset(str(tmp_path / "absent"))

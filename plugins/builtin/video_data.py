@@ -30,10 +30,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ...core.errors import DataError
 from .image_data import _PIL_ERRORS, CorruptFileError, verify_image
 from .image_transforms import _int_arg
 
-__all__ = ["VideoInfo", "probe_video", "decode_video", "sample_frame_indices", "SAMPLING_MODES",
+__all__ = ["VideoInfo", "probe_video", "decode_video", "verify_video", "sample_frame_indices", "SAMPLING_MODES",
            "VideoFileDataset", "FrameFolderDataset", "NpyVideoDataset"]
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,6 @@ def decode_video(path: str, indices: Sequence[int] | Tensor | None = None, max_f
             stream, no frame decodes, or it ends before frames its header declares (truncated).
         ValueError: For negative indices, both ``indices`` and ``max_frames``, or another dtype.
     """
-    av = _av()
     if indices is not None and max_frames is not None:
         raise ValueError("decode_video takes indices or max_frames, not both")
     wanted = None if indices is None else [int(i) for i in indices]
@@ -122,10 +122,34 @@ def decode_video(path: str, indices: Sequence[int] | Tensor | None = None, max_f
         _int_arg("max_frames", max_frames, 1)
     if dtype != torch.uint8 and not dtype.is_floating_point:
         raise ValueError(f"decode_video returns uint8 or floating-point frames, got dtype {dtype}")
+    stop = max(wanted) + 1 if wanted is not None else max_frames
+    frames, count, latest = _decode_frames(path, stop, None if wanted is None else set(wanted))
+    if wanted is None:
+        order: Sequence[int] = range(count)
+    else:
+        if count - 1 not in frames:  # indices past the end show the last frame
+            frames[count - 1] = latest.to_ndarray(format="rgb24")
+        order = [min(i, count - 1) for i in wanted]
+    video = torch.from_numpy(np.stack([frames[i] for i in order]))
+    return video if dtype == torch.uint8 else video.to(dtype).div_(255.0)
+
+
+def verify_video(path: str) -> int:
+    """Decode every frame of a video file (keeping none) and return how many there are.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+        CorruptFileError: As :func:`decode_video` does, for a file that does not decode whole.
+    """
+    return _decode_frames(path, None, set())[1]
+
+
+def _decode_frames(path: str, stop: int | None, keep: set[int] | None) -> tuple[dict[int, np.ndarray], int, Any]:
+    """Decode from the start up to frame ``stop`` (None: all): the frames in ``keep`` (None: all)
+    as RGB arrays, the number decoded and the last decoded frame."""
+    av = _av()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file {path!r} does not exist")
-    stop = max(wanted) + 1 if wanted is not None else max_frames
-    keep = None if wanted is None else set(wanted)
     frames: dict[int, np.ndarray] = {}
     count, latest, declared = 0, None, 0
     try:
@@ -146,14 +170,7 @@ def decode_video(path: str, indices: Sequence[int] | Tensor | None = None, max_f
         raise CorruptFileError(path, "no frame could be decoded")
     if (stop is None or count < stop) and declared - count > max(1, declared // 100):
         raise CorruptFileError(path, f"truncated: the header declares {declared} frames but only {count} decode")
-    if wanted is None:
-        order: Sequence[int] = range(count)
-    else:
-        if count - 1 not in frames:  # indices past the end show the last frame
-            frames[count - 1] = latest.to_ndarray(format="rgb24")
-        order = [min(i, count - 1) for i in wanted]
-    video = torch.from_numpy(np.stack([frames[i] for i in order]))
-    return video if dtype == torch.uint8 else video.to(dtype).div_(255.0)
+    return frames, count, latest
 
 
 def sample_frame_indices(num_frames_in_video: int, clip_frames: int, stride: int = 1, mode: str = "uniform",
@@ -214,7 +231,7 @@ def _extensions(extensions: Sequence[str]) -> tuple[str, ...]:
         extensions = (extensions,)
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     if not exts:
-        raise ValueError("extensions must name at least one file ending")
+        raise DataError("extensions must name at least one file ending")
     return exts
 
 
@@ -225,7 +242,7 @@ class _ClipDataset(Dataset):
         self.frames = _int_arg("frames", frames, 1)
         self.stride = _int_arg("stride", stride, 1)
         if sampling not in SAMPLING_MODES:
-            raise ValueError(f"unknown frame sampling mode {sampling!r}; valid modes: {list(SAMPLING_MODES)}")
+            raise DataError(f"unknown frame sampling mode {sampling!r}; valid modes: {list(SAMPLING_MODES)}")
         self.sampling = sampling
         self.image_size = None if image_size is None else _int_arg("image_size", image_size, 1)
 
@@ -258,11 +275,16 @@ def _class_folders(root: str, split: str | None, what: str) -> tuple[str, list[s
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{what} folder {root!r} does not exist or is not a folder")
-    base = os.path.join(root, split) if split is not None and os.path.isdir(os.path.join(root, split)) else root
+    base = _split_folder(root, split)
     classes = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise ValueError(f"no class sub-folders in {what} folder {base!r}")
+        raise DataError(f"no class sub-folders in {what} folder {base!r}")
     return base, classes
+
+
+def _split_folder(root: str, split: str | None) -> str:
+    """``root/split`` if that is a folder, else ``root``."""
+    return os.path.join(root, split) if split is not None and os.path.isdir(os.path.join(root, split)) else root
 
 
 def _report_skipped(skipped: list[tuple[str, str]], base: str, what: str) -> None:
@@ -280,8 +302,8 @@ class _LabelledClips(_ClipDataset):
     def _finish_scan(self, base: str, what: str, exts: tuple[str, ...]) -> None:
         _report_skipped(self.skipped, base, what)
         if not self.samples:
-            raise ValueError(f"no readable {what}s with endings {list(exts)} in class folders of {base!r}"
-                             + (f" ({len(self.skipped)} skipped as corrupt)" if self.skipped else ""))
+            raise DataError(f"no readable {what}s with endings {list(exts)} in class folders of {base!r}"
+                            + (f" ({len(self.skipped)} skipped as corrupt)" if self.skipped else ""))
         self.labels: np.ndarray = np.array([s[1] for s in self.samples], dtype=np.int64)
         self.num_classes = len(self.classes)
 
@@ -296,13 +318,23 @@ class _LabelledClips(_ClipDataset):
         return {"label": label, "text": f"a video of a {self.classes[label].replace('_', ' ')}"}
 
 
+def _count_frames(path: str, verify: bool) -> int:
+    """Frames of a video file: all decoded (``verify``) or read from its header."""
+    count = verify_video(path) if verify else probe_video(path).num_frames
+    if count < 1:
+        raise CorruptFileError(path, "no frames (the header declares none and the stream holds no packets)")
+    return count
+
+
 class VideoFileDataset(_LabelledClips):
     """Video files in class sub-folders: ``root/[split/]<class_name>/**/<file>``, decoded at read time.
 
-    Scanning opens every file's container header (cheap, nothing is decoded). Files FFmpeg cannot
-    open, or without a video stream, are skipped, listed in :attr:`skipped` and reported in one
-    logged warning; with ``strict=True`` the first raises :class:`CorruptFileError`. A file that
-    fails later, while decoding, raises :class:`CorruptFileError` naming it.
+    With ``verify`` (the default) every file is decoded whole while scanning (no frame is kept),
+    so a file cut inside its frame data -- whose header reads fine -- is found up front; without
+    it only container headers are read (cheap) and such a file fails when it is read. Files that
+    fail the scan are skipped, listed in :attr:`skipped` and reported in one logged warning; with
+    ``strict=True`` the first raises :class:`CorruptFileError`. A file that fails later, while
+    decoding, raises :class:`CorruptFileError` naming it.
 
     Args:
         root: Dataset folder.
@@ -312,6 +344,7 @@ class VideoFileDataset(_LabelledClips):
         sampling: Mode used by :meth:`sample` (``"uniform"`` or ``"random"``).
         image_size: Side of the square output frames (center crop, then resize); None keeps them.
         strict: Raise on the first unreadable file instead of skipping it.
+        verify: Decode every file while scanning (cost: one pass over the data).
         extensions: File endings (case-insensitive) that count as videos.
 
     Attributes:
@@ -320,7 +353,7 @@ class VideoFileDataset(_LabelledClips):
     """
 
     def __init__(self, root: str, split: str | None = None, frames: int = 16, stride: int = 2,
-                 sampling: str = "uniform", image_size: int | None = 112, strict: bool = False,
+                 sampling: str = "uniform", image_size: int | None = 112, strict: bool = False, verify: bool = True,
                  extensions: Sequence[str] = (".mp4", ".webm", ".avi", ".mkv")) -> None:
         super().__init__(frames, stride, sampling, image_size)
         exts = _extensions(extensions)
@@ -334,7 +367,7 @@ class VideoFileDataset(_LabelledClips):
                         continue
                     path = os.path.join(dirpath, f)
                     try:
-                        self.samples.append((path, label, probe_video(path).num_frames))
+                        self.samples.append((path, label, _count_frames(path, verify)))
                     except CorruptFileError as exc:
                         if strict:
                             raise
@@ -345,21 +378,37 @@ class VideoFileDataset(_LabelledClips):
         return decode_video(self.samples[index][0], indices=indices)
 
 
+def _frames_fault(paths: Sequence[str]) -> str | None:
+    """Why these frame files cannot make clips (one does not decode, their sizes differ), or None."""
+    sizes: dict[tuple[int, int], str] = {}
+    for path in paths:
+        reason = verify_image(path)
+        if reason is not None:
+            return f"{os.path.basename(path)}: {reason}"
+        with Image.open(path) as im:
+            sizes.setdefault(im.size, os.path.basename(path))
+    if len(sizes) > 1:
+        (a, first), (b, other) = list(sizes.items())[:2]
+        return f"frames have different sizes: {first} is {a[0]}x{a[1]}, {other} is {b[0]}x{b[1]}"
+    return None
+
+
 class FrameFolderDataset(_LabelledClips):
     """Videos stored as folders of frame images: ``root/[split/]<class_name>/<video>/<frame files>``.
 
     A video's frames are its image files in natural name order (``2.png`` before ``10.png``).
-    Scanning lists the frames and verifies each video's first one with PIL; a folder without
-    readable frames is skipped and counted (or, with ``strict=True``, raises
-    :class:`CorruptFileError`). A frame that fails at read time raises :class:`CorruptFileError`.
+    With ``verify`` (the default) scanning decodes every frame and checks that a video's frames
+    share one size; without it only each video's first frame is checked. A folder that fails is
+    skipped and counted (or, with ``strict=True``, raises :class:`CorruptFileError`). A frame that
+    fails at read time raises :class:`CorruptFileError`.
 
     Args:
-        root, split, frames, stride, sampling, image_size, strict: As in :class:`VideoFileDataset`.
+        root, split, frames, stride, sampling, image_size, strict, verify: As in :class:`VideoFileDataset`.
         extensions: File endings (case-insensitive) that count as frames.
     """
 
     def __init__(self, root: str, split: str | None = None, frames: int = 16, stride: int = 2,
-                 sampling: str = "uniform", image_size: int | None = 112, strict: bool = False,
+                 sampling: str = "uniform", image_size: int | None = 112, strict: bool = False, verify: bool = True,
                  extensions: Sequence[str] = _IMAGE_EXTENSIONS) -> None:
         super().__init__(frames, stride, sampling, image_size)
         exts = _extensions(extensions)
@@ -371,20 +420,16 @@ class FrameFolderDataset(_LabelledClips):
             for video in sorted((e.name for e in os.scandir(class_dir) if e.is_dir()), key=_natural_key):
                 folder = os.path.join(class_dir, video)
                 files = sorted((f for f in os.listdir(folder) if f.lower().endswith(exts)), key=_natural_key)
-                reason = "no frame images" if not files else self._verify(os.path.join(folder, files[0]))
+                paths = [os.path.join(folder, f) for f in files]
+                reason = "no frame images" if not files else _frames_fault(paths if verify else paths[:1])
                 if reason is None:
                     self.samples.append((folder, label, len(files)))
-                    self._frames.append([os.path.join(folder, f) for f in files])
+                    self._frames.append(paths)
                 elif strict:
                     raise CorruptFileError(folder, reason)
                 else:
                     self.skipped.append((folder, reason))
         self._finish_scan(self.root, "frame folder", exts)
-
-    @staticmethod
-    def _verify(path: str) -> str | None:
-        reason = verify_image(path)
-        return None if reason is None else f"{os.path.basename(path)}: {reason}"
 
     def _read(self, index: int, indices: Tensor) -> Tensor:
         paths = self._frames[index]
@@ -406,48 +451,50 @@ class NpyVideoDataset(_ClipDataset):
     each) or one ``.npy`` file ``[N, T, H, W, C]`` (or a single ``[T, H, W, C]`` video).
 
     Arrays are memory-mapped; only the sampled frames are read. ``uint8`` arrays are scaled to
-    [0, 1], floating arrays are taken as already in [0, 1]. An unreadable file raises
-    :class:`CorruptFileError` while scanning (there is no skipping here).
+    [0, 1], floating arrays are taken as already in [0, 1]. A file that cannot be read as such an
+    array (cut short, another rank or dtype) is skipped and counted in :attr:`skipped`, or with
+    ``strict`` raises :class:`CorruptFileError`; so is, with ``verify``, a floating-point video
+    with values that are NaN, infinite or outside [0, 1] (``path[i]`` names video ``i`` of a
+    single array). A single array file that cannot be read raises: there is nothing left to read.
 
     Args:
         path_or_dir: The ``.npy`` file or the folder of them.
+        split: If ``path_or_dir`` is a folder with a sub-folder ``split``, read that.
         labels: One int per video, or the path of a 1-D ``.npy`` integer array (a labels file
-            inside the folder is not taken for a video); None for unlabelled data.
+            inside the folder is not taken for a video); None for unlabelled data. A skipped
+            video's label is dropped with it.
         frames, stride, sampling: As in :class:`VideoFileDataset`.
         image_size: Side of the square output frames (center crop, then resize); None keeps them.
+        strict: Raise on the first unusable video instead of skipping it.
+        verify: Read every floating-point video whole while scanning to check its values (uint8
+            videos are always in range).
 
     Raises:
         FileNotFoundError: If ``path_or_dir`` does not exist.
-        ValueError: For arrays of the wrong rank or dtype, an empty folder or a labels count that
-            differs from the number of videos.
+        CorruptFileError: For a single array file that cannot be read, or with ``strict``.
+        DataError: For an empty folder or a labels count that differs from the number of videos.
     """
 
-    def __init__(self, path_or_dir: str, labels: Sequence[int] | str | None = None, frames: int = 16,
-                 stride: int = 2, sampling: str = "uniform", image_size: int | None = None) -> None:
+    def __init__(self, path_or_dir: str, split: str | None = None, labels: Sequence[int] | str | None = None,
+                 frames: int = 16, stride: int = 2, sampling: str = "uniform", image_size: int | None = None,
+                 strict: bool = False, verify: bool = True) -> None:
         super().__init__(frames, stride, sampling, image_size)
         path = os.fspath(path_or_dir)
+        if os.path.isdir(path):
+            path = _split_folder(path, split)
         labels_path = os.path.abspath(labels) if isinstance(labels, (str, os.PathLike)) else None
         self._array: np.ndarray | None = None
+        # (file, index in the single array or None) of every video found
         if os.path.isfile(path):
-            array = self._load(path)
-            if array.ndim == 4:
-                array = array[None]
-            if array.ndim != 5:
-                raise ValueError(f"{path!r} holds an array of shape {array.shape}; expected [N, T, H, W, C] or [T, H, W, C]")
-            self._array, self.paths = array, [path] * len(array)
-            self._lengths = [array.shape[1]] * len(array)
+            self._array = self._load(path, 5)
+            found: list[tuple[str, int | None]] = [(path, i) for i in range(len(self._array))]
         elif os.path.isdir(path):
-            self.paths = sorted((os.path.join(path, f) for f in os.listdir(path)
-                                 if f.lower().endswith(".npy") and os.path.abspath(os.path.join(path, f)) != labels_path),
-                                key=_natural_key)
-            if not self.paths:
-                raise ValueError(f"no .npy files in folder {path!r}")
-            self._lengths = []
-            for p in self.paths:
-                shape = self._load(p).shape
-                if len(shape) != 4:
-                    raise ValueError(f"{p!r} holds an array of shape {shape}; expected one video [T, H, W, C]")
-                self._lengths.append(shape[0])
+            files = sorted((os.path.join(path, f) for f in os.listdir(path)
+                            if f.lower().endswith(".npy") and os.path.abspath(os.path.join(path, f)) != labels_path),
+                           key=_natural_key)
+            if not files:
+                raise DataError(f"no .npy files in folder {path!r}")
+            found = [(f, None) for f in files]
         else:
             raise FileNotFoundError(f"{path!r} is neither a .npy file nor a folder")
         if labels_path is not None:
@@ -455,28 +502,68 @@ class NpyVideoDataset(_ClipDataset):
                 labels = np.load(labels_path, allow_pickle=False)
             except (ValueError, OSError, EOFError) as exc:
                 raise CorruptFileError(labels_path, f"{type(exc).__name__}: {exc}") from exc
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
-        if self.labels is not None and len(self.labels) != len(self.paths):
-            raise ValueError(f"got {len(self.labels)} labels for {len(self.paths)} videos in {path!r}")
+        all_labels = None if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+        if all_labels is not None and len(all_labels) != len(found):
+            raise DataError(f"got {len(all_labels)} labels for {len(found)} videos in {path!r}")
+        self.skipped: list[tuple[str, str]] = []
+        self._videos: list[tuple[str, int | None, int]] = []
+        kept = []
+        for number, (file, index) in enumerate(found):
+            try:
+                self._videos.append((file, index, self._scan(file, index, verify)))
+                kept.append(number)
+            except CorruptFileError as exc:
+                if strict:
+                    raise
+                self.skipped.append((exc.path, exc.reason))
+        _report_skipped(self.skipped, path, "video array")
+        if not self._videos:
+            first, reason = self.skipped[0]
+            raise DataError(f"no usable videos in {path!r}: {len(self.skipped)} skipped as corrupt, the first "
+                            f"{first!r}: {reason}")
+        self.paths = [file for file, _, _ in self._videos]
+        self.labels = None if all_labels is None else all_labels[kept]
+
+    def _scan(self, file: str, index: int | None, verify: bool) -> int:
+        """The frame count of one video, after the checks ``verify`` asks for."""
+        video = self._array[index] if index is not None else self._load(file, 4)
+        name = file if index is None else f"{file}[{index}]"
+        if len(video) == 0 or video.size == 0:
+            raise CorruptFileError(name, f"an empty video of shape {video.shape}")
+        if verify and video.dtype != np.uint8:
+            values = np.asarray(video)
+            if not np.isfinite(values).all():
+                raise CorruptFileError(name, f"{int((~np.isfinite(values)).sum())} of {values.size} values are NaN or infinite")
+            if values.min() < 0 or values.max() > 1:
+                raise CorruptFileError(name, f"floating-point values span [{values.min():g}, {values.max():g}]; "
+                                             "a float video must be in [0, 1] (or store uint8)")
+        return len(video)
 
     @staticmethod
-    def _load(path: str) -> np.ndarray:
+    def _load(path: str, rank: int) -> np.ndarray:
+        """The memory-mapped array of ``path``: ``rank`` 4 (one video) or 5 (several; one video is promoted)."""
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise CorruptFileError(path, f"{type(exc).__name__}: {exc}") from exc
         if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"{path!r} holds {array.dtype} data; video arrays must be uint8 or floating point")
+            raise CorruptFileError(path, f"holds {array.dtype} data; video arrays must be uint8 or floating point")
+        if rank == 5 and array.ndim == 4:
+            array = array[None]
+        if array.ndim != rank:
+            wanted = "[N, T, H, W, C] or [T, H, W, C]" if rank == 5 else "one video [T, H, W, C]"
+            raise CorruptFileError(path, f"holds an array of shape {array.shape}; expected {wanted}")
         return array
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self._videos)
 
     def _num_frames(self, index: int) -> int:
-        return self._lengths[index]
+        return self._videos[index][2]
 
     def _read(self, index: int, indices: Tensor) -> Tensor:
-        video = self._array[index] if self._array is not None else self._load(self.paths[index])
+        file, position, _ = self._videos[index]
+        video = self._array[position] if position is not None else self._load(file, 4)
         return torch.from_numpy(np.ascontiguousarray(video[indices.numpy()]))
 
     def _extra(self, index: int) -> dict[str, Any]:
