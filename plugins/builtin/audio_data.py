@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ...core.errors import DataError
 from .image_data import CorruptFileError
 from .image_transforms import _float_arg, _int_arg, _range_arg
 from .moving_digits import default_cache_dir
@@ -42,6 +43,7 @@ AUDIO_INSTALL_HINT = "pip install soundfile soxr"
 SMALL_SPOKEN_DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spoken_digits_small")
 
 _SPLITS = ("train", "test")
+_MANIFEST_ENDINGS = (".csv", ".jsonl", ".ndjson")
 # Sizes a streaming writer leaves in a WAV header it cannot go back to fix (espeak-ng --stdout
 # writes 0x7ffff000, others 0 or 0xffffffff): libsndfile then reads to the end of the file.
 _WAV_PLACEHOLDER_SIZES = 0x7FFF0000
@@ -137,9 +139,9 @@ def read_audio(path: str, sample_rate: int = 16000) -> Tensor:
 def _check_wave(x: Tensor, who: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 1:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{who} expects one mono waveform tensor [T], got {shape}")
+        raise DataError(f"{who} expects one mono waveform tensor [T], got {shape}")
     if not x.is_floating_point():
-        raise ValueError(f"{who} expects a floating-point tensor, got {x.dtype}")
+        raise DataError(f"{who} expects a floating-point tensor, got {x.dtype}")
 
 
 def _uniform(low: float, high: float, n: int, generator: torch.Generator | None) -> Tensor:
@@ -167,7 +169,7 @@ class RandomCropAudio:
     def __init__(self, seconds: float, sample_rate: int = 16000) -> None:
         self.seconds, self.sample_rate = _float_arg("seconds", seconds), _int_arg("sample_rate", sample_rate, 1)
         if self.seconds <= 0:
-            raise ValueError(f"seconds must be > 0, got {seconds}")
+            raise DataError(f"seconds must be > 0, got {seconds}")
         self.length = max(1, round(self.seconds * self.sample_rate))
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -276,28 +278,56 @@ class AddNoise:
 # datasets
 
 
+def _manifest_file(manifest: str, split: str | None) -> str:
+    """``manifest`` itself, or for a folder its ``<split>.csv`` / ``<split>.jsonl``."""
+    if not os.path.isdir(manifest):
+        if not os.path.isfile(manifest):
+            raise FileNotFoundError(f"audio manifest {manifest!r} does not exist")
+        return manifest
+    if split is None:
+        raise DataError(f"audio manifest {manifest!r} is a folder: name the split whose <split>.csv or <split>.jsonl to read")
+    for ending in _MANIFEST_ENDINGS:
+        path = os.path.join(manifest, split + ending)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no manifest for split {split!r} in folder {manifest!r} (looked for "
+                            f"{', '.join(split + e for e in _MANIFEST_ENDINGS)})")
+
+
 def _manifest_rows(manifest: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     """``(line number, record)`` pairs of a CSV or JSONL manifest, and the fields its first record has."""
     ext = os.path.splitext(manifest)[1].lower()
-    with open(manifest, newline="", encoding="utf-8") as fh:
-        if ext == ".csv":
-            reader = csv.DictReader(fh)
-            fields = [f.strip() for f in reader.fieldnames or []]
-            rows = [(reader.line_num, {k.strip(): v for k, v in row.items() if k is not None}) for row in reader]
-            return rows, fields
-        if ext not in (".jsonl", ".ndjson"):
-            raise ValueError(f"manifest {manifest!r}: unknown ending {ext!r}; a manifest is .csv (with a header) or .jsonl")
-        rows = []
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"manifest {manifest!r}, line {number}: not JSON ({exc})") from exc
-            if not isinstance(record, dict):
-                raise ValueError(f"manifest {manifest!r}, line {number}: expected a JSON object, got {type(record).__name__}")
-            rows.append((number, record))
+    if ext not in _MANIFEST_ENDINGS:
+        raise DataError(f"manifest {manifest!r}: unknown ending {ext!r}; a manifest is .csv (with a header) or .jsonl")
+    try:
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            return _csv_rows(manifest, fh) if ext == ".csv" else _jsonl_rows(manifest, fh)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"manifest {manifest!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+
+
+def _csv_rows(manifest: str, fh: Any) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    reader = csv.DictReader(fh)
+    try:
+        fields = [f.strip() for f in reader.fieldnames or []]
+        rows = [(reader.line_num, {k.strip(): v for k, v in row.items() if k is not None}) for row in reader]
+    except csv.Error as exc:
+        raise DataError(f"manifest {manifest!r}, line {reader.line_num}: not CSV ({exc})") from exc
+    return rows, fields
+
+
+def _jsonl_rows(manifest: str, fh: Any) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    rows = []
+    for number, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"manifest {manifest!r}, line {number}: not JSON ({exc})") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"manifest {manifest!r}, line {number}: expected a JSON object, got {type(record).__name__}")
+        rows.append((number, record))
     return rows, list(rows[0][1]) if rows else []
 
 
@@ -305,7 +335,7 @@ def _label(manifest: str, line: int, value: Any) -> int:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"manifest {manifest!r}, line {line}, field 'label': {value!r} is not an integer >= 0")
+        raise DataError(f"manifest {manifest!r}, line {line}, field 'label': {value!r} is not an integer >= 0")
     return value
 
 
@@ -324,7 +354,10 @@ class AudioManifestDataset(Dataset):
     later raises it naming the file.
 
     Args:
-        manifest: ``.csv`` or ``.jsonl`` file.
+        manifest: ``.csv`` or ``.jsonl`` file, or a folder of them named by split
+            (``train.jsonl``, ``test.csv``, ...).
+        split: With a folder, the manifest ``<split>.csv`` or ``<split>.jsonl`` in it is read;
+            a manifest file is read whatever the split.
         root: Folder that relative paths are under (default: the manifest's folder).
         sample_rate: Rate clips are resampled to.
         max_seconds: Keep at most the first this many seconds of each clip (random crops are
@@ -334,23 +367,22 @@ class AudioManifestDataset(Dataset):
         extra_fields: Other string fields to copy into samples (e.g. ``["speaker"]``).
     """
 
-    def __init__(self, manifest: str, root: str | None = None, sample_rate: int = 16000, max_seconds: float | None = None,
-                 strict: bool = False, verify: bool = True, extra_fields: Sequence[str] = ()) -> None:
-        self.manifest = os.fspath(manifest)
+    def __init__(self, manifest: str, split: str | None = None, root: str | None = None, sample_rate: int = 16000,
+                 max_seconds: float | None = None, strict: bool = False, verify: bool = True,
+                 extra_fields: Sequence[str] = ()) -> None:
         self.sample_rate = _int_arg("sample_rate", sample_rate, 1)
         self.max_samples = None
         if max_seconds is not None:
             if _float_arg("max_seconds", max_seconds) <= 0:
-                raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
+                raise DataError(f"max_seconds must be > 0 or None, got {max_seconds}")
             self.max_samples = max(1, round(max_seconds * self.sample_rate))
-        if not os.path.isfile(self.manifest):
-            raise FileNotFoundError(f"audio manifest {self.manifest!r} does not exist")
+        self.manifest = _manifest_file(os.fspath(manifest), split)
         base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(self.manifest))
         rows, fields = _manifest_rows(self.manifest)
         if "path" not in fields:
             where = "line 1 (the header)" if self.manifest.lower().endswith(".csv") else f"line {rows[0][0] if rows else 1}"
-            raise ValueError(f"manifest {self.manifest!r}, {where}: no field 'path' (it has {fields}); "
-                                 "every line needs the audio file's path")
+            raise DataError(f"manifest {self.manifest!r}, {where}: no field 'path' (it has {fields}); "
+                            "every line needs the audio file's path")
         text_field = next((f for f in ("text", "caption") if f in fields), None)
         wanted = ["path"] + ["label"] * ("label" in fields) + [text_field] * (text_field is not None) + list(extra_fields)
         self.samples: list[dict[str, Any]] = []
@@ -359,7 +391,7 @@ class AudioManifestDataset(Dataset):
             for field in wanted:
                 value = record.get(field)
                 if value is None or (isinstance(value, str) and not value.strip() and field != text_field):
-                    raise ValueError(f"manifest {self.manifest!r}, line {line}: field {field!r} is missing or empty")
+                    raise DataError(f"manifest {self.manifest!r}, line {line}: field {field!r} is missing or empty")
             path = os.path.join(base, os.path.expanduser(str(record["path"]).strip()))
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"manifest {self.manifest!r}, line {line}, field 'path': file {path!r} does not exist")
@@ -379,7 +411,7 @@ class AudioManifestDataset(Dataset):
                 self.skipped.append((path, exc.reason))
         _report_skipped(self.skipped, self.manifest, "audio file")
         if not self.samples:
-            raise ValueError(f"manifest {self.manifest!r} lists no readable audio files"
+            raise DataError(f"manifest {self.manifest!r} lists no readable audio files"
                              + (f" ({len(self.skipped)} skipped as corrupt)" if self.skipped else ""))
         self.labels = np.array([s["label"] for s in self.samples], dtype=np.int64) if "label" in fields else None
         self.num_classes = int(self.labels.max()) + 1 if self.labels is not None else 0
@@ -432,7 +464,7 @@ class SpokenDigitsDataset(AudioManifestDataset):
                  verify: bool = False) -> None:
         global _warned_small
         if split not in _SPLITS:
-            raise ValueError(f"unknown spoken digits split {split!r}; valid splits: {list(_SPLITS)}")
+            raise DataError(f"unknown spoken digits split {split!r}; valid splits: {list(_SPLITS)}")
         build = f"python -m anymodal.plugins.builtin.spoken_digits --out {root or spoken_digits_dir()}"
         if root is not None:
             if not _built(os.fspath(root)):

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ...core.errors import DataError
 from .audio_data import read_audio
 from .moving_digits import default_cache_dir
 
@@ -47,22 +48,27 @@ def read_stm(path: str) -> list[Utterance]:
     """The utterances of a NIST STM transcript (``file channel speaker start end words...``).
 
     Raises:
-        ValueError: a line that is not a transcript line, naming the file and the line.
+        DataError: a line that is not a transcript line, naming the file and the line, or a file
+            that is not UTF-8 text.
     """
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip() or line.startswith(";;"):
-                continue
-            fields = line.split(maxsplit=5)
-            try:
-                start, end = float(fields[3]), float(fields[4])
-            except (IndexError, ValueError):
-                raise ValueError(f"{path}:{number}: not an STM line (file channel speaker start end words): {line.strip()!r}") from None
-            if not 0 <= start < end:
-                raise ValueError(f"{path}:{number}: utterance ends ({end}) before it starts ({start})")
-            out.append(Utterance(fields[2], start, end, fields[5].strip() if len(fields) > 5 else ""))
-    return out
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [u for number, line in enumerate(fh, 1) if (u := _stm_line(path, number, line)) is not None]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 STM transcript (byte {exc.start}: {exc.reason})") from exc
+
+
+def _stm_line(path: str, number: int, line: str) -> Utterance | None:
+    if not line.strip() or line.startswith(";;"):
+        return None
+    fields = line.split(maxsplit=5)
+    try:
+        start, end = float(fields[3]), float(fields[4])
+    except (IndexError, ValueError):
+        raise DataError(f"{path}:{number}: not an STM line (file channel speaker start end words): {line.strip()!r}") from None
+    if not 0 <= start < end:
+        raise DataError(f"{path}:{number}: utterance ends ({end}) before it starts ({start})")
+    return Utterance(fields[2], start, end, fields[5].strip() if len(fields) > 5 else "")
 
 
 class SpeechSampleDataset(Dataset):
@@ -80,7 +86,7 @@ class SpeechSampleDataset(Dataset):
 
     def __init__(self, split: str = "train", root: str | None = None, max_seconds: float | None = None) -> None:
         if split not in ("train", "test"):
-            raise ValueError(f"unknown speech_sample split {split!r}; valid splits: ['train', 'test']")
+            raise DataError(f"unknown speech_sample split {split!r}; valid splits: ['train', 'test']")
         folder = os.fspath(root) if root is not None else speech_sample_dir()
         wav, stm = os.path.join(folder, "sample.wav"), os.path.join(folder, "sample.stm")
         missing = [p for p in (wav, stm) if not os.path.isfile(p)]
@@ -91,8 +97,9 @@ class SpeechSampleDataset(Dataset):
         duration = len(self.wave) / 16000
         late = [u for u in self.utterances if u.end > duration + 0.05]
         if late:
-            raise ValueError(f"{stm}: utterance at {late[0].start}-{late[0].end} s ends after the recording ({duration:.2f} s)")
+            raise DataError(f"{stm}: utterance at {late[0].start}-{late[0].end} s ends after the recording ({duration:.2f} s)")
         self.speakers = sorted({u.speaker for u in self.utterances})
+        self.skipped: list[tuple[str, str]] = []  # one recording: it is read whole or the dataset fails
         self.max_seconds = max_seconds
 
     def __len__(self) -> int:
