@@ -6,8 +6,11 @@ the collate pads it.
 
 Readers return ``float32`` (or the ``dtype`` asked for) NumPy ``[N, C]``: x, y, z and, when the
 file has it, intensity. Every reader checks what it read, so an unreadable, truncated, empty or
-non-finite cloud raises :class:`CorruptFileError` naming the file and what is wrong; a folder
-dataset counts such files as skips unless ``strict``.
+non-finite cloud, fewer points than the file's header declares or a coordinate beyond
+:data:`MAX_COORDINATE` (damaged bytes, or the wrong record layout) raises
+:class:`CorruptFileError` naming the file and what is wrong; a folder dataset counts such files
+as skips unless ``strict``. A raw ``.bin`` has no header: one cut on a record boundary is only
+caught by its point count (``min_points`` of :class:`PointFolderDataset`).
 
 ``.las``/``.laz`` need ``laspy`` (and ``lazrs`` for LAZ), imported only when such a file is read.
 """
@@ -25,11 +28,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ...core.data import mix_seed
+from ...core.errors import DataError
 from .image_data import CorruptFileError
 from .image_transforms import _int_arg
 from .moving_digits import default_cache_dir
 
-__all__ = ["LAS_INSTALL_HINT", "AERIAL_TILE_SHA256", "AERIAL_TILE_POINTS", "POINT_EXTENSIONS", "read_bin",
+__all__ = ["LAS_INSTALL_HINT", "AERIAL_TILE_SHA256", "AERIAL_TILE_POINTS", "POINT_EXTENSIONS", "MAX_COORDINATE", "read_bin",
            "read_npy", "read_pcd", "read_las", "read_points", "concat_sweeps", "lidar_cache_dir",
            "aerial_tile_path", "PointFolderDataset", "AerialTileDataset"]
 
@@ -40,12 +44,16 @@ LAS_INSTALL_HINT = 'pip install "laspy[lazrs]"'
 AERIAL_TILE_SHA256 = "2f25ca6ce565eb70d45fac11395003fc22828fa75dfea4b6c8a95505d5c868fd"
 AERIAL_TILE_POINTS = 50591
 POINT_EXTENSIONS = (".bin", ".npy", ".npz", ".pcd", ".las", ".laz")
+#: The largest plausible coordinate, in metres: 10,000 km, beyond any georeferenced (UTM, ECEF)
+#: coordinate; float32 garbage (a misread or damaged file) mostly lies far outside it.
+MAX_COORDINATE = 1e7
 
 _SPLITS = ("train", "test")
 
 
 def _checked(path: str, array: np.ndarray, dtype: Any) -> np.ndarray:
-    """``array`` as ``dtype`` if it is a finite, non-empty ``[N, >=3]`` cloud, else CorruptFileError."""
+    """``array`` as ``dtype`` if it is a finite, non-empty ``[N, >=3]`` cloud with coordinates
+    within :data:`MAX_COORDINATE`, else CorruptFileError."""
     if array.ndim != 2 or array.shape[1] < 3:
         raise CorruptFileError(path, f"expected a point array [N, >=3], got shape {array.shape}")
     if array.shape[0] == 0:
@@ -54,6 +62,11 @@ def _checked(path: str, array: np.ndarray, dtype: Any) -> np.ndarray:
     if bad.any():
         what = "coordinates" if not np.isfinite(array[:, :3]).all() else "attribute values"
         raise CorruptFileError(path, f"{int(bad.sum())} of {len(array)} points have NaN or infinite {what}")
+    far = (np.abs(array[:, :3]) > MAX_COORDINATE).any(axis=1)
+    if far.any():
+        raise CorruptFileError(path, f"{int(far.sum())} of {len(array)} points have a coordinate beyond "
+                                     f"{MAX_COORDINATE:g} m (largest {np.abs(array[:, :3]).max():g}): damaged data "
+                                     "or not this format")
     return np.ascontiguousarray(array, dtype=dtype)
 
 
@@ -164,11 +177,21 @@ def _laspy():
     return laspy
 
 
+def _laz_errors() -> tuple[type[BaseException], ...]:
+    """The errors the installed LAZ decompressors raise for damaged data (lazrs: a cut-off file)."""
+    try:
+        import lazrs
+    except ModuleNotFoundError:
+        return ()
+    return (lazrs.LazrsError,)
+
+
 def read_las(path: str, dtype: Any = np.float32) -> np.ndarray:
     """A ``.las``/``.laz`` file: scaled x, y, z and raw intensity.
 
     Georeferenced coordinates (millions of metres) lose precision in float32: read them as
-    ``float64`` and centre them before casting.
+    ``float64`` and centre them before casting. laspy reads a LAS file cut short without an
+    error, just fewer points: the count the header declares is checked.
     """
     laspy = _laspy()
     try:
@@ -178,8 +201,11 @@ def read_las(path: str, dtype: Any = np.float32) -> np.ndarray:
             raise ImportError(f"{path!r} is compressed (LAZ) and no LAZ backend is installed; install one with: "
                               f"{LAS_INSTALL_HINT}") from exc
         raise CorruptFileError(path, f"{type(exc).__name__}: {exc}") from exc
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, *_laz_errors()) as exc:
         raise CorruptFileError(path, f"{type(exc).__name__}: {exc}") from exc
+    if len(las.points) < las.header.point_count:
+        raise CorruptFileError(path, f"truncated: the header declares {las.header.point_count} points, "
+                                     f"only {len(las.points)} could be read")
     columns = [np.asarray(las.x), np.asarray(las.y), np.asarray(las.z), np.asarray(las.intensity, np.float64)]
     return _checked(path, np.stack(columns, axis=1) if len(las.points) else np.zeros((0, 4)), dtype)
 
@@ -192,7 +218,7 @@ def read_points(path: str, dtype: Any = np.float32, **options: Any) -> np.ndarra
     """Read any supported file, by its ending; ``options`` go to its reader (``key`` for npz)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in _READERS:
-        raise ValueError(f"unknown point-cloud file ending {ext!r} of {path!r}; supported: {list(POINT_EXTENSIONS)}")
+        raise DataError(f"unknown point-cloud file ending {ext!r} of {path!r}; supported: {list(POINT_EXTENSIONS)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"point-cloud file {path!r} does not exist")
     return _READERS[ext](path, dtype=dtype, **options)
@@ -268,20 +294,24 @@ class PointFolderDataset(Dataset):
         extensions: File endings that count as point clouds.
         center: Subtract each cloud's mean x, y, z (computed in float64: georeferenced LAS files).
         seed: Seed of ``__getitem__``'s subsampling.
+        min_points: A file with fewer points counts as corrupt: where clouds are known to be
+            large (full sweeps), this catches a raw ``.bin`` cut on a record boundary.
     """
 
     def __init__(self, root: str, split: str | None = None, channels: int = 4, max_points: int | None = None,
                  strict: bool = False, verify: bool = True, npz_key: str | None = None,
-                 extensions: Sequence[str] = POINT_EXTENSIONS, center: bool = False, seed: int = 0) -> None:
+                 extensions: Sequence[str] = POINT_EXTENSIONS, center: bool = False, seed: int = 0,
+                 min_points: int = 1) -> None:
         self.channels = _int_arg("channels", channels, 3)
         if self.channels > 4:
-            raise ValueError(f"channels must be 3 (x, y, z) or 4 (plus intensity), got {channels}")
+            raise DataError(f"channels must be 3 (x, y, z) or 4 (plus intensity), got {channels}")
         self.max_points = None if max_points is None else _int_arg("max_points", max_points, 1)
+        self.min_points = _int_arg("min_points", min_points, 1)
         self.seed, self.center, self.npz_key = _int_arg("seed", seed, 0), bool(center), npz_key
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in ([extensions] if isinstance(extensions, str) else extensions))
         unknown = [e for e in exts if e not in _READERS]
         if not exts or unknown:
-            raise ValueError(f"extensions must be among {list(POINT_EXTENSIONS)}, got {list(exts)}")
+            raise DataError(f"extensions must be among {list(POINT_EXTENSIONS)}, got {list(exts)}")
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"point-cloud folder {root!r} does not exist or is not a folder")
@@ -307,7 +337,7 @@ class PointFolderDataset(Dataset):
             names = ", ".join(p for p, _ in self.skipped[:3]) + (f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else "")
             logger.warning("skipped %d unreadable point-cloud file(s) under %s: %s", len(self.skipped), base, names)
         if not self.samples:
-            raise ValueError(f"no readable point-cloud files with endings {list(exts)} under {base!r}"
+            raise DataError(f"no readable point-cloud files with endings {list(exts)} under {base!r}"
                              + (f" ({len(self.skipped)} skipped as corrupt)" if self.skipped else ""))
         self.labels = None if flat else np.array([lab for _, lab in self.samples], dtype=np.int64)
         self.num_classes = len(self.classes)
@@ -315,6 +345,8 @@ class PointFolderDataset(Dataset):
     def _read(self, path: str) -> np.ndarray:
         options = {"key": self.npz_key} if path.lower().endswith(".npz") else {}
         points = read_points(path, dtype=np.float64 if self.center else np.float32, **options)
+        if len(points) < self.min_points:
+            raise CorruptFileError(path, f"{len(points)} points, fewer than min_points={self.min_points}: cut short?")
         if self.center:
             points[:, :3] -= points[:, :3].mean(axis=0)
         return _with_channels(points, self.channels).astype(np.float32)
@@ -379,7 +411,7 @@ class AerialTileDataset(Dataset):
 
     def __init__(self, split: str | None = None, grid: int = 4, min_points: int = 64, path: str | None = None) -> None:
         if split not in (None, *_SPLITS):
-            raise ValueError(f"unknown aerial tile split {split!r}; valid splits: {list(_SPLITS)} or None")
+            raise DataError(f"unknown aerial tile split {split!r}; valid splits: {list(_SPLITS)} or None")
         grid, min_points = _int_arg("grid", grid, 1), _int_arg("min_points", min_points, 1)
         self.path = os.fspath(path) if path is not None else aerial_tile_path()
         if not os.path.isfile(self.path):
@@ -400,8 +432,9 @@ class AerialTileDataset(Dataset):
             tiles.append(np.concatenate([points[:, :3] - centre, intensity], 1).astype(np.float32))
         test = split == "test"
         self.tiles: list[np.ndarray] = tiles if split is None else [x for i, x in enumerate(tiles) if (i % 5 == 4) == test]
+        self.skipped: list[tuple[str, str]] = []  # one file: it is read whole or the dataset fails
         if not self.tiles:
-            raise ValueError(f"no tile of the {grid}x{grid} grid has {min_points} points in split {split!r}")
+            raise DataError(f"no tile of the {grid}x{grid} grid has {min_points} points in split {split!r}")
 
     def __len__(self) -> int:
         return len(self.tiles)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ...core.errors import DataError
 from .image_transforms import _float_arg, _int_arg, _range_arg
 from .lidar_data import concat_sweeps, lidar_cache_dir
 
@@ -73,7 +74,7 @@ def _split_rng(seed: int, split: str, *more: int) -> np.random.Generator:
 
 def _check_split(split: str, what: str) -> None:
     if split not in _SPLITS:
-        raise ValueError(f"unknown {what} split {split!r}; valid splits: {list(_SPLITS)}")
+        raise DataError(f"unknown {what} split {split!r}; valid splits: {list(_SPLITS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +220,9 @@ class ShapesDataset(Dataset):
         self.noise, self.partial = _float_arg("noise", noise), _float_arg("partial", partial)
         self.scale, self.anisotropy, self.keep = _range_arg("scale", scale), _range_arg("anisotropy", anisotropy), _range_arg("keep", keep)
         if self.noise < 0 or not 0 <= self.partial <= 1 or not 0 < self.keep[0] <= self.keep[1] <= 1 or min(self.scale + self.anisotropy) <= 0:
-            raise ValueError("shapes need noise >= 0, partial in [0, 1], keep within (0, 1], positive scale and anisotropy")
+            raise DataError("shapes need noise >= 0, partial in [0, 1], keep within (0, 1], positive scale and anisotropy")
         if rotation not in ("so3", "z"):
-            raise ValueError(f"rotation must be 'so3' (any rotation) or 'z' (about the up axis), got {rotation!r}")
+            raise DataError(f"rotation must be 'so3' (any rotation) or 'z' (about the up axis), got {rotation!r}")
         self.rotation = rotation
         meta = {"kind": "shapes", "format_version": FORMAT_VERSION, "split": split, "size": self.size,
                 "points": self.points, "noise": self.noise, "scale": self.scale, "anisotropy": self.anisotropy,
@@ -230,6 +231,7 @@ class ShapesDataset(Dataset):
         self.cache_path = os.path.join(os.fspath(cache_dir) if cache_dir is not None else lidar_cache_dir(), name)
         arrays = cached_arrays(self.cache_path, meta, self._generate)
         self._points, self.labels = arrays["points"], arrays["labels"]
+        self.skipped: list[tuple[str, str]] = []  # generated: a damaged cache is made again, never skipped
 
     def _generate(self) -> dict[str, np.ndarray]:
         rng = _split_rng(self.seed, self.split)
@@ -415,7 +417,7 @@ class LidarSweepsDataset(Dataset):
                                                        (("max_range", max_range), ("sensor_height", sensor_height), ("dt", dt)))
         self.range_noise, self.dropout = _float_arg("range_noise", range_noise), _float_arg("dropout", dropout)
         if min(self.max_range, self.sensor_height, self.dt) <= 0 or self.range_noise < 0 or not 0 <= self.dropout < 1:
-            raise ValueError("lidar sweeps need positive max_range, sensor_height and dt, range_noise >= 0, dropout in [0, 1)")
+            raise DataError("lidar sweeps need positive max_range, sensor_height and dt, range_noise >= 0, dropout in [0, 1)")
         if points is not None:
             beams, elevation = 64, (-24.9, 2.0)
         self.beams, self.elevation = _int_arg("beams", beams, 1), _range_arg("elevation", elevation)
@@ -433,6 +435,7 @@ class LidarSweepsDataset(Dataset):
         self.cache_path = os.path.join(os.fspath(cache_dir) if cache_dir is not None else lidar_cache_dir(), name)
         arrays = cached_arrays(self.cache_path, meta, self._generate)
         self.labels, self.counts, self.speeds = arrays["labels"], arrays["counts"], arrays["speeds"]
+        self.skipped: list[tuple[str, str]] = []  # generated: a damaged cache is made again, never skipped
         self._boxes = np.split(arrays["boxes"], np.cumsum(arrays["num_boxes"])[:-1])
         self._cylinders = np.split(arrays["cylinders"], np.cumsum(arrays["num_cylinders"])[:-1])
         self._reflect = np.split(arrays["reflect"], np.cumsum(arrays["num_boxes"] + arrays["num_cylinders"] + 1)[:-1])

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ...core.errors import DataError
 from .image_data import DIGIT_WORDS, MNIST_SHA256, _load_mnist
 from .image_transforms import _int_arg
 
@@ -142,7 +143,7 @@ class MovingDigitsDataset(Dataset):
         cache_dir: str | None = None,
     ) -> None:
         if split not in _SPLITS:
-            raise ValueError(
+            raise DataError(
                 f"unknown moving digits split {split!r}; valid splits: {list(_SPLITS)}"
             )
         size = _int_arg("size", size, 1)
@@ -150,16 +151,16 @@ class MovingDigitsDataset(Dataset):
         num_directions = _int_arg("num_directions", num_directions, 2)
         seed = _int_arg("seed", seed, 0)
         if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence) or not speeds:
-            raise ValueError(
+            raise DataError(
                 f"speeds must be a non-empty list of positive integers, got {speeds!r}"
             )
         speed_list = sorted(_int_arg("speeds[]", s, 1) for s in speeds)
         if len(set(speed_list)) != len(speed_list):
-            raise ValueError(f"speeds must not repeat a value, got {list(speeds)!r}")
+            raise DataError(f"speeds must not repeat a value, got {list(speeds)!r}")
         image_size = _int_arg("image_size", image_size, 1)
         minimum = _DIGIT_CELL + 2 * speed_list[-1]
         if image_size < minimum:
-            raise ValueError(
+            raise DataError(
                 f"image_size must be at least 28 + 2 * max(speeds) = {minimum} so that a 28x28 "
                 f"MNIST digit has room to move at speed {speed_list[-1]} (it bounces off the "
                 f"walls); got image_size={image_size}"
@@ -179,6 +180,7 @@ class MovingDigitsDataset(Dataset):
             self._save_cache(arrays)
         self._videos: np.ndarray = arrays["videos"]
         self.labels: np.ndarray = arrays["labels"]
+        self.skipped: list[tuple[str, str]] = []  # generated: a damaged cache is made again, never skipped
         self.motions: np.ndarray = arrays["motions"]
         self.speeds: np.ndarray = arrays["speeds"]
         self.indices: np.ndarray = arrays["indices"]
