@@ -370,6 +370,15 @@ def test_point_clouds_out_of_range_or_too_small_are_skipped(tmp_path: Path) -> N
     reasons = dict(ds.skipped)
     assert "beyond 1e+07 m" in reasons[str(tmp_path / "misread.bin")]
     assert "20 points, fewer than min_points=100" in reasons[str(tmp_path / "short.bin")]
+    nuscenes = tmp_path / "five" / "sweep.bin"  # x, y, z, intensity, ring
+    nuscenes.parent.mkdir()
+    np.column_stack([np.full((16, 3), 1e8), np.zeros((16, 2))]).astype("<f4").tofile(nuscenes)
+    with pytest.raises(CorruptFileError, match="beyond"):  # 16 records of 5 read as 20 of 4 would pass the size check
+        PointFolderDataset(str(nuscenes.parent), strict=True)
+    cloud = np.column_stack([np.arange(48.0).reshape(16, 3), np.ones(16), np.arange(16)]).astype("<f4")
+    cloud.tofile(nuscenes)
+    read = PointFolderDataset(str(nuscenes.parent), bin_channels=5)[0]["points"]
+    np.testing.assert_array_equal(read.numpy(), cloud[:, :4])
 
 
 def test_npy_videos_split_folder_and_values_out_of_range(tmp_path: Path) -> None:

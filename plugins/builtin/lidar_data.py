@@ -291,6 +291,8 @@ class PointFolderDataset(Dataset):
         strict: Raise on the first corrupt file instead of skipping it.
         verify: Read every file while scanning (cost: one pass over the data).
         npz_key: Array to take from ``.npz`` files (default: the first).
+        bin_channels: float32 values per record of ``.bin`` files (4: KITTI's x, y, z, intensity;
+            5: nuScenes' with the ring index).
         extensions: File endings that count as point clouds.
         center: Subtract each cloud's mean x, y, z (computed in float64: georeferenced LAS files).
         seed: Seed of ``__getitem__``'s subsampling.
@@ -301,12 +303,13 @@ class PointFolderDataset(Dataset):
     def __init__(self, root: str, split: str | None = None, channels: int = 4, max_points: int | None = None,
                  strict: bool = False, verify: bool = True, npz_key: str | None = None,
                  extensions: Sequence[str] = POINT_EXTENSIONS, center: bool = False, seed: int = 0,
-                 min_points: int = 1) -> None:
+                 min_points: int = 1, bin_channels: int = 4) -> None:
         self.channels = _int_arg("channels", channels, 3)
         if self.channels > 4:
             raise DataError(f"channels must be 3 (x, y, z) or 4 (plus intensity), got {channels}")
         self.max_points = None if max_points is None else _int_arg("max_points", max_points, 1)
         self.min_points = _int_arg("min_points", min_points, 1)
+        self.bin_channels = _int_arg("bin_channels", bin_channels, 3)
         self.seed, self.center, self.npz_key = _int_arg("seed", seed, 0), bool(center), npz_key
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in ([extensions] if isinstance(extensions, str) else extensions))
         unknown = [e for e in exts if e not in _READERS]
@@ -343,7 +346,8 @@ class PointFolderDataset(Dataset):
         self.num_classes = len(self.classes)
 
     def _read(self, path: str) -> np.ndarray:
-        options = {"key": self.npz_key} if path.lower().endswith(".npz") else {}
+        ext = os.path.splitext(path)[1].lower()
+        options = {".npz": {"key": self.npz_key}, ".bin": {"channels": self.bin_channels}}.get(ext, {})
         points = read_points(path, dtype=np.float64 if self.center else np.float32, **options)
         if len(points) < self.min_points:
             raise CorruptFileError(path, f"{len(points)} points, fewer than min_points={self.min_points}: cut short?")
