@@ -113,6 +113,11 @@ class StepBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
                  world: int = 1) -> None:
+        # a batch size below 1 would make an epoch of no batches, and iteration would spin forever
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"the batch size must be a positive integer, got {batch_size!r}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of the {world} processes")
         if num_samples < batch_size:
             raise ValueError(f"dataset has {num_samples} samples, fewer than one batch of {batch_size}")
         if batch_size % world:
