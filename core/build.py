@@ -11,9 +11,9 @@ from torch.utils.data import Dataset
 
 from .backbone import Backbone
 from .config import objective_nodes
-from .encoder import ENCODER_SIZES, Encoder
+from .encoder import Encoder
 from .posenc import build_posenc
-from .registry import closest
+from .schema import model_shape as encoder_shape  # (width, depth, heads) after the size's defaults
 
 __all__ = ["encoder_shape", "build_backbone", "build_dataset", "build_transforms", "build_masker", "build_objectives",
            "build_teacher"]
@@ -26,16 +26,6 @@ def _plain(node: Any) -> dict:
 def _split_name(node: Any) -> tuple[str, dict]:
     kwargs = _plain(node)
     return kwargs.pop("name"), kwargs
-
-
-def encoder_shape(model: Any) -> tuple[int, int, int]:
-    """(width, depth, heads) of ``model.size`` with any explicit overrides applied."""
-    if model.size not in ENCODER_SIZES:
-        near = closest(model.size, list(ENCODER_SIZES))
-        raise ValueError(f"unknown model.size {model.size!r}" + (f"; did you mean {near[0]!r}?" if near else "")
-                         + f"; sizes: {', '.join(ENCODER_SIZES)}")
-    dim, depth, heads = ENCODER_SIZES[model.size]
-    return model.dim or dim, model.depth or depth, model.num_heads or heads
 
 
 def build_backbone(cfg: DictConfig, components: Any) -> Backbone:

@@ -4,7 +4,27 @@ A config file may start with a ``defaults:`` mapping of group -> name (``model: 
 file (``configs/<group>/<name>.yaml``, looked up beside the file first, then in the package) is
 merged in order, then the file itself, then command-line overrides: ``group=name`` swaps a group
 file, ``a.b.c=value`` sets a key (values parse as YAML). Every key is checked against the schema
-(`core.schema`), and an error names the key, the file it came from and the closest valid keys.
+(`core.schema`): an unknown key or a value of the wrong type is an error naming the key, the file
+it came from and the closest valid keys or the expected type.
+
+Replacing a node whole: layers merge into each other, so a node keeps the keys that earlier layers
+gave it (a modality's ``data.train: {name: mnist, split: train}`` under your ``name: image_folder``).
+``_replace_: true`` inside a mapping makes that layer's node replace what the layers before it set,
+instead of merging into it; a section of the schema (``run``, a stage) restarts from its defaults::
+
+    data:
+      train: {_replace_: true, name: image_folder, root: photos}   # no keys from the modality file
+
+On the command line, give the node whole (``'data.train={_replace_: true, name: image_folder,
+root: photos}'``) or clear it first and set its keys after (``data.train._replace_=true
+data.train.name=image_folder data.train.root=photos``): overrides apply in order, so a
+``_replace_`` after the node's other overrides is an error. Lists are always replaced whole.
+
+`validate` then checks, once plugins are loaded, every component node against its registry and
+factory signature, every value against the range or choices its schema field declares
+(`core.schema.checked`), the model's width against its heads, and builds each masker node once
+(maskers are cheap; their constructors check their arguments), so a bad mask ratio is a config
+error naming ``modality.masker.ratio`` and its file. It reports every problem at once.
 """
 
 from __future__ import annotations
@@ -16,15 +36,15 @@ import inspect
 import os
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
-from .registry import closest, signature_errors
-from .schema import Config
+from .registry import ArgumentError, closest, signature_errors
+from .schema import REPLACE, Config, Range, key_errors, model_errors, optional_of, rule_errors
 
 __all__ = ["ConfigError", "ComposedConfig", "compose", "validate", "save_config", "load_run_config", "PACKAGE_CONFIGS", "SCRATCH"]
 
@@ -82,43 +102,34 @@ def _resolve_file(name: str, group: Optional[str], search: list[Path]) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not a YAML text file: byte {e.object[e.start]:#04x} at offset {e.start} "
+                           "is not UTF-8"]) from e
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot be read: {e.strerror}"]) from e
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+        raise ConfigError([f"{path}{_yaml_error(e, text)}"]) from e
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: top level must be a mapping, got {type(data).__name__}"])
     return data
 
 
-def _schema_errors(data: Any, schema: Any, prefix: str, source: str) -> list[str]:
-    """Unknown keys in ``data`` against dataclass ``schema``, with suggestions."""
-    errors: list[str] = []
-    if not isinstance(data, Mapping):
-        return errors
-    hints = typing.get_type_hints(schema)
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in hints:
-            near = closest(str(key), list(hints))
-            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else f"; valid keys: {', '.join(hints)}"
-            errors.append(f"unknown key {path!r} in {source}{hint}")
-            continue
-        errors += _nested_errors(value, hints[key], path, source)
-    return errors
-
-
-def _nested_errors(value: Any, tp: Any, path: str, source: str) -> list[str]:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _schema_errors(value, tp, path + ".", source)
-    if origin is dict and isinstance(value, Mapping):
-        inner = typing.get_args(tp)[1]
-        if dataclasses.is_dataclass(inner):
-            return [e for k, v in value.items() for e in _schema_errors(v, inner, f"{path}.{k}.", source)]
-    return []
+def _yaml_error(e: yaml.YAMLError, text: str) -> str:
+    """", line L, column C: not valid YAML: <what>" for a PyYAML error, in one line."""
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML forbids: it gives an offset
+        line, column = text.count("\n", 0, e.position), e.position - text.rfind("\n", 0, e.position) - 1
+        character = chr(e.character) if isinstance(e.character, int) else e.character
+        what = f"{e.reason}: {character!r}"
+    elif mark is not None:
+        line, column = mark.line, mark.column
+        what = ": ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None))))
+    else:
+        return f": not valid YAML: {' '.join(str(e).split())}"
+    return f", line {line + 1}, column {column + 1}: not valid YAML: {what}"
 
 
 def _record(data: Any, prefix: str, source: str, sources: dict[str, str]) -> None:
@@ -178,6 +189,47 @@ def _check_no_new_stages(data: Mapping, cfg: DictConfig, source: str, recipe_fil
                                f"stages: {', '.join(known)}"])
 
 
+def _strip_replace(data: Any, prefix: str = "") -> tuple[Any, list[str]]:
+    """``data`` without its ``_replace_`` keys, and the dotted keys of the nodes marked ``_replace_: true``."""
+    if not isinstance(data, Mapping):
+        return data, []
+    found = [prefix[:-1]] if prefix and data.get(REPLACE) is True else []
+    out = {}
+    for key, value in data.items():
+        if key != REPLACE:
+            out[key], inner = _strip_replace(value, f"{prefix}{key}.")
+            found += inner
+    return out, found
+
+
+def _schema_type(key: str) -> Any:
+    """The schema's type of dotted ``key`` (Any inside free-form component nodes)."""
+    tp: Any = Config
+    for part in key.split("."):
+        tp = optional_of(tp)[0]
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp)[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return Any
+    return optional_of(tp)[0]
+
+
+def _clear(cfg: DictConfig, key: str, source: str, sources: dict[str, str]) -> None:
+    """Reset node ``key`` for a ``_replace_`` layer: a schema section to its defaults, a component node to empty."""
+    inside = [k for k in sources if k.startswith(key + ".")]
+    earlier = [k for k in inside if sources[k] == COMMAND_LINE]
+    if source == COMMAND_LINE and earlier:
+        raise ConfigError([f"{key}.{REPLACE}=true on the command line comes after {earlier[0]}=..., which it would "
+                           f"discard: put it before the node's other overrides, or give the node whole "
+                           f"('{key}={{{REPLACE}: true, ...}}')"])
+    for k in inside:
+        del sources[k]
+    tp = _schema_type(key)
+    OmegaConf.update(cfg, key, tp() if dataclasses.is_dataclass(tp) else {}, merge=False)
+
+
 def plugin_config_dirs() -> list[Path]:
     """The ``configs/`` folders that installed plugins ship beside their module, searched for group
     files after the packaged ones: a sensor package's ``configs/modality/radar.yaml`` makes
@@ -209,7 +261,10 @@ def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
     path = _resolve_file(file, None, [PACKAGE_CONFIGS])
     search = [path.parent, PACKAGE_CONFIGS, *plugin_config_dirs()]
     main = _read_yaml(path)
-    defaults = dict(main.pop("defaults", {}) or {})
+    defaults = main.pop("defaults", None) or {}
+    if not isinstance(defaults, Mapping):
+        raise ConfigError([f"defaults in {path} must be a mapping of group to name (model: tiny), got {defaults!r}"])
+    defaults = dict(defaults)
     overrides = [_parse_override(o) for o in overrides]
     for key, value in overrides:
         if key in GROUPS:
@@ -229,26 +284,30 @@ def compose(file: str, overrides: Iterable[str] = ()) -> ComposedConfig:
     value_overrides = [(k, v) for k, v in overrides if k not in GROUPS]
     layers += [(COMMAND_LINE, _nest(k, v)) for k, v in value_overrides]
 
-    errors = [e for source, data in layers for e in _schema_errors(data, Config, "", source)]
+    errors = [e for source, data in layers for e in key_errors(data, source)]
     if errors:
         raise ConfigError(errors)
     cfg = OmegaConf.structured(Config)
     sources: dict[str, str] = {}
     recipe_merged = False
     for source, data in layers:
-        data = _expand_wildcards(data, cfg)
+        data, replaced = _strip_replace(_expand_wildcards(data, cfg))
         if recipe_merged:
             _check_no_new_stages(data, cfg, source, recipe_file)
         recipe_merged = recipe_merged or source == recipe_file
+        for key in replaced:
+            _clear(cfg, key, source, sources)
         try:
             cfg = OmegaConf.merge(cfg, data)
-        except OmegaConfBaseException as e:
-            raise ConfigError([f"{source}: {e.msg if hasattr(e, 'msg') else e} (key {getattr(e, 'full_key', '?')})"]) from e
+        except OmegaConfBaseException as e:  # the type checks above catch what they can; this names the rest
+            message = str(getattr(e, "msg", e)).splitlines()[0]
+            raise ConfigError([f"{getattr(e, 'full_key', None) or 'config'} (from {source}): {message}"]) from e
         _record(data, "", source, sources)
     return ComposedConfig(cfg, sources, [s for s, _ in layers])
 
 
-def _component_errors(node: Any, registry: Any, key: str, source: str, injected: Iterable[str]) -> list[str]:
+def _component_errors(node: Any, registry: Any, key: str, src: Callable[[str], str], injected: Iterable[str]) -> list[str]:
+    source = src(key)
     if not isinstance(node, Mapping) or "name" not in node:
         return [f"{key} (from {source}) must be a mapping with a 'name' naming a registered {registry.kind}"]
     name = node["name"]
@@ -260,7 +319,38 @@ def _component_errors(node: Any, registry: Any, key: str, source: str, injected:
     accepted = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in node.items() if k != "name"}
     kwargs.update({k: None for k in injected if k in accepted})  # filled in by the builder
-    return [f"{key} ({registry.kind} {name!r}, from {source}): {e}" for e in signature_errors(factory, kwargs)]
+    errors = [f"{key} ({registry.kind} {name!r}, from {source}): {e}" for e in signature_errors(factory, kwargs)]
+    inherited = [k for k in kwargs if k not in accepted and src(f"{key}.{k}") != src(f"{key}.name")]
+    if errors and inherited and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        errors.append(f"{key}: {', '.join(map(repr, inherited))} came from {src(f'{key}.{inherited[0]}')}, merged under "
+                      f"the name from {src(f'{key}.name')}; add `{REPLACE}: true` to the node to replace it whole")
+    return errors
+
+
+def _masker_errors(node: Any, components: Any, key: str, src: Callable[[str], str]) -> list[str]:
+    """A masker node checked against its factory, then built once: its constructor checks the values."""
+    errors = _component_errors(node, components.masker, key, src, [])
+    if errors:
+        return errors
+    name, kwargs = node["name"], {k: v for k, v in node.items() if k != "name"}
+    try:
+        components.masker.build(name, **kwargs)
+    except ArgumentError as e:
+        return [f"{key}.{e} (from {src(f'{key}.{e.argument}')})"]
+    except ValueError as e:  # a factory's way to say an argument is wrong
+        return [f"{key} (masker {name!r}, from {src(key)}): {e}"]
+    return []
+
+
+def _weight_errors(stage: Mapping, prefix: str, src: Callable[[str], str]) -> list[str]:
+    """Each objective's loss weight: a number >= 0 (0 switches the objective off)."""
+    errors = []
+    for label, node in stage["objectives"].items():
+        key = f"{prefix}.objectives.{label}.weight"
+        problem = Range(0).problem(node.get("weight", 1.0))
+        if problem:
+            errors.append(f"{key} {problem}, got {node['weight']!r} (from {src(key)})")
+    return errors
 
 
 def objective_nodes(stage: Any) -> list[tuple[str, dict, float]]:
@@ -278,25 +368,26 @@ def objective_nodes(stage: Any) -> list[tuple[str, dict, float]]:
 
 
 def validate(composed: ComposedConfig, components: Any) -> None:
-    """Check every component node against its registry and factory signature; report all at once.
+    """Check every value against its schema rule and every component node against its registry and
+    factory signature (maskers are built once); report all at once.
 
     Raises:
-        ConfigError: listing every problem found.
+        ConfigError: listing every problem found, each naming the key, its file and what is allowed.
     """
     try:
         cfg = OmegaConf.to_container(composed.cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError([f"cannot resolve the config: {e}"]) from e
-    errors: list[str] = []
     src = composed.source
-    errors += _component_errors(cfg["modality"]["tokenizer"], components.tokenizer, "modality.tokenizer",
-                                src("modality.tokenizer"), ["dim"])
+    errors = rule_errors(cfg, src) + model_errors(cfg["model"], src)
+    errors += _component_errors(cfg["modality"]["tokenizer"], components.tokenizer, "modality.tokenizer", src, ["dim"])
+    if cfg["modality"]["masker"]:
+        errors += _masker_errors(cfg["modality"]["masker"], components, "modality.masker", src)
     for split in ("train", "test"):
-        node = cfg["data"][split]
-        if node:
-            errors += _component_errors(node, components.dataset, f"data.{split}", src(f"data.{split}"), ["split"])
+        if cfg["data"][split]:
+            errors += _component_errors(cfg["data"][split], components.dataset, f"data.{split}", src, ["split"])
     for i, node in enumerate(cfg["data"]["transforms"]):
-        errors += _component_errors(node, components.transform, f"data.transforms.{i}", src("data.transforms"), [])
+        errors += _component_errors(node, components.transform, f"data.transforms.{i}", lambda _: src("data.transforms"), [])
     if not cfg["recipe"]["stages"]:
         errors.append(f"recipe {cfg['recipe']['name']!r} (from {src('recipe')}) has no stages")
     earlier: list[str] = []
@@ -305,8 +396,7 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         resolved_stage = cfg["recipe"]["stages"][stage_name]
         teacher = resolved_stage["teacher"]
         if teacher:
-            errors += _component_errors(teacher, components.teacher, f"{prefix}.teacher", src(f"{prefix}.teacher"),
-                                        ["student", "folder"])
+            errors += _component_errors(teacher, components.teacher, f"{prefix}.teacher", src, ["student", "folder"])
         init_from = resolved_stage["init_from"]
         for key, ref in (("init_from", None if init_from == SCRATCH else init_from), ("teacher.stage", (teacher or {}).get("stage"))):
             if ref is not None and ref not in earlier:
@@ -316,13 +406,15 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         if stage_name == SCRATCH:
             errors.append(f"{prefix}: {SCRATCH!r} is reserved for init_from (the initial random weights); rename the stage")
         earlier.append(stage_name)
-        if resolved_stage["masker"]:
-            errors += _component_errors(resolved_stage["masker"], components.masker, f"{prefix}.masker", src(f"{prefix}.masker"), [])
+        # a masker that points at another node (${modality.masker}) is checked there
+        if resolved_stage["masker"] and not OmegaConf.is_interpolation(stage, "masker"):
+            errors += _masker_errors(resolved_stage["masker"], components, f"{prefix}.masker", src)
         if not resolved_stage["objectives"]:
             errors.append(f"{prefix} (from {src(prefix)}) lists no objectives")
-        for label, node, _ in objective_nodes(OmegaConf.create(resolved_stage)):
-            errors += _component_errors(node, components.objective, f"{prefix}.objectives.{label}",
-                                        src(f"{prefix}.objectives.{label}"), ["dim", "tokenizer"])
+        weight_errors = _weight_errors(resolved_stage, prefix, src)
+        errors += weight_errors
+        for label, node, _ in [] if weight_errors else objective_nodes(OmegaConf.create(resolved_stage)):
+            errors += _component_errors(node, components.objective, f"{prefix}.objectives.{label}", src, ["dim", "tokenizer"])
     if errors:
         raise ConfigError(errors)
 
@@ -340,7 +432,7 @@ def load_run_config(run_dir: Path) -> DictConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml")
     data = _read_yaml(path)
-    errors = _schema_errors(data, Config, "", str(path))
+    errors = key_errors(data, str(path))
     if errors:
         raise ConfigError(errors)
     return OmegaConf.merge(OmegaConf.structured(Config), data)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from .registry import ArgumentError
+from .schema import Items, Range
 from .tokens import Tokens
 
 __all__ = ["Mask", "RandomMasker", "BlockMasker", "TubeMasker", "MultiBlockMasker"]
@@ -57,9 +59,30 @@ def _split_ratio(n_real: int, ratio: float) -> tuple[int, int]:
     return n_real - n_target, n_target
 
 
+_RATIO = Range(0, 1, high_open=True)
+_COUNT = Range(1, integer=True)
+_SHARE = Range(0, 1, low_open=True)  # (0, 1]: a share of the grid or of the tokens
+_ASPECT = Range(0, low_open=True)
+
+
+def _check(argument: str, value: Any, rule: Any) -> None:
+    """Raise `ArgumentError` naming ``argument`` when ``value`` breaks ``rule`` (a `core.schema` rule)."""
+    problem = rule.problem(value)
+    if problem:
+        raise ArgumentError(argument, value, problem)
+
+
+def _check_span(argument: str, value: Any, each: Range) -> None:
+    """A ``(low, high)`` pair of numbers, each satisfying ``each``, with low <= high."""
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise ArgumentError(argument, value, f"must be a [low, high] pair, each {each}")
+    _check(argument, list(value), Items(each, length=2))
+    if value[0] > value[1]:
+        raise ArgumentError(argument, value, "must be a [low, high] pair with low <= high")
+
+
 def _check_ratio(ratio: float) -> None:
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    _check("ratio", ratio, _RATIO)
 
 
 def _uniform(lo: float, hi: float, n: int, generator: torch.Generator) -> Tensor:
@@ -100,7 +123,10 @@ class RandomMasker:
     """Uniformly random tokens (MAE).
 
     Args:
-        ratio: fraction of each sample's real tokens to mask (the shortest sample's count sets the batch's).
+        ratio: fraction of each sample's real tokens to mask (the shortest sample's count sets the batch's), in [0, 1).
+
+    Raises:
+        ArgumentError: ``ratio`` outside [0, 1).
     """
 
     def __init__(self, ratio: float = 0.75) -> None:
@@ -119,14 +145,21 @@ class BlockMasker:
     """Rectangles (2-D) or boxes (3-D) of neighbouring tokens (BEiT/SimMIM-style blockwise).
 
     Args:
-        ratio: fraction of real tokens to mask.
-        block_scale: each block's share of the grid's (last two axes') area.
-        aspect: range of a block's height/width ratio.
+        ratio: fraction of real tokens to mask, in [0, 1).
+        block_scale: range of each block's share of the grid's (last two axes') area, within (0, 1].
+        aspect: range of a block's height/width ratio (positive).
+        max_blocks: most blocks drawn per batch (at least 1).
+
+    Raises:
+        ArgumentError: an argument outside its range.
     """
 
     def __init__(self, ratio: float = 0.6, block_scale: tuple[float, float] = (0.05, 0.3),
                  aspect: tuple[float, float] = (0.3, 3.3), max_blocks: int = 64) -> None:
         _check_ratio(ratio)
+        _check_span("block_scale", block_scale, _SHARE)
+        _check_span("aspect", aspect, _ASPECT)
+        _check("max_blocks", max_blocks, _COUNT)
         self.ratio, self.block_scale, self.aspect, self.max_blocks = ratio, tuple(block_scale), tuple(aspect), max_blocks
 
     def __call__(self, tokens: Tokens, generator: torch.Generator) -> Mask:
@@ -155,7 +188,10 @@ class TubeMasker:
     The first grid axis is time; a spatial cell is masked at all time steps or at none.
 
     Args:
-        ratio: fraction of spatial cells (hence of tokens) to mask.
+        ratio: fraction of spatial cells (hence of tokens) to mask, in [0, 1).
+
+    Raises:
+        ArgumentError: ``ratio`` outside [0, 1).
     """
 
     def __init__(self, ratio: float = 0.9) -> None:
@@ -200,16 +236,25 @@ class MultiBlockMasker:
     smallest so shapes stay static.
 
     Args:
-        num_targets: target blocks per sample.
-        target_scale: each target block's share of the (spatial) grid.
-        target_aspect: range of target height/width ratios.
-        context_scale: the context block's share of the grid.
-        min_context: fewest context tokens accepted before the sample is redrawn.
+        num_targets: target blocks per sample (at least 1).
+        target_scale: range of each target block's share of the (spatial) grid, within (0, 1].
+        target_aspect: range of target height/width ratios (positive).
+        context_scale: range of the context block's share of the grid, within (0, 1].
+        min_context: fewest context tokens accepted before the sample is redrawn (at least 1).
+        max_tries: redraws before giving up (at least 1).
+
+    Raises:
+        ArgumentError: an argument outside its range.
     """
 
     def __init__(self, num_targets: int = 4, target_scale: tuple[float, float] = (0.15, 0.2),
                  target_aspect: tuple[float, float] = (0.75, 1.5), context_scale: tuple[float, float] = (0.85, 1.0),
                  min_context: int = 4, max_tries: int = 20) -> None:
+        for argument, value in (("num_targets", num_targets), ("min_context", min_context), ("max_tries", max_tries)):
+            _check(argument, value, _COUNT)
+        _check_span("target_scale", target_scale, _SHARE)
+        _check_span("target_aspect", target_aspect, _ASPECT)
+        _check_span("context_scale", context_scale, _SHARE)
         self.num_targets, self.target_scale, self.target_aspect = num_targets, tuple(target_scale), tuple(target_aspect)
         self.context_scale, self.min_context, self.max_tries = tuple(context_scale), min_context, max_tries
 

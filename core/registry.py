@@ -7,7 +7,9 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
-__all__ = ["Registry", "RegistryEntry", "UnknownNameError", "DuplicateNameError", "closest"]
+from .errors import UserError
+
+__all__ = ["Registry", "RegistryEntry", "UnknownNameError", "DuplicateNameError", "ArgumentError", "closest"]
 
 
 class UnknownNameError(KeyError):
@@ -19,6 +21,21 @@ class UnknownNameError(KeyError):
 
 class DuplicateNameError(ValueError):
     """Two plugins registered the same name for the same kind of component."""
+
+
+class ArgumentError(UserError, ValueError):
+    """A component factory's argument outside its valid values. It names the argument, so that
+    `core.config.validate` can name the config key (``modality.masker.ratio``) and its file.
+
+    Args:
+        argument: the factory's keyword argument.
+        value: the value it was given.
+        problem: what is wrong, phrased to follow the name ("must be in [0, 1)").
+    """
+
+    def __init__(self, argument: str, value: Any, problem: str) -> None:
+        self.argument, self.value, self.problem = argument, value, problem
+        super().__init__(f"{argument} {problem}, got {value!r}")
 
 
 def closest(name: str, choices: list[str] | Mapping[str, Any], n: int = 3) -> list[str]:
