@@ -1,7 +1,7 @@
 """The layout of a run folder (DESIGN.md, Run folder), and the rules that keep one run per folder.
 
 `RunFolder.lock` takes an exclusive lock for the run's lifetime (released by the kernel when the
-process dies, ``kill -9`` included), and says who holds it when it is taken. `clean_orphans`
+process dies, ``kill -9`` included, even while its data-loader workers live on), and says who holds it when it is taken. `clean_orphans`
 removes what killed writes left behind. `keep_metrics_until` cuts ``metrics.jsonl`` back to a
 checkpoint, so the file always reads as one uninterrupted run.
 """
@@ -90,9 +90,9 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            try:  # a POSIX record lock: data-loader workers forked from this process do not inherit it
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
                 holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
                 raise RunFolderBusy(f"run folder {self.root} is in use by {holder}; wait for it to finish, or choose "
                                     f"another folder (--run-dir, or run.name=)") from None

@@ -90,7 +90,8 @@ def submit(config: str, overrides: Sequence[str], sweeps: Sequence[str] = (), ru
     is queued. Run folders: ``run_dir`` (default ``run.out_dir/run.name``), and one sub-folder per
     variant for a sweep; submitit's scripts and logs go to ``<folder>/slurm/<job id>_*``.
     """
-    from .cli import load_config
+    from .cli import _resume_config, load_config
+    from .runfolder import RunFolder
 
     variants = expand_sweep(sweeps)
     jobs, launcher, root = [], None, None
@@ -100,8 +101,11 @@ def submit(config: str, overrides: Sequence[str], sweeps: Sequence[str] = (), ru
             root = Path(run_dir) if run_dir else Path(cfg.run.out_dir) / cfg.run.name
             launcher = cfg.launcher
         folder = (root / _folder_name(extra) if sweeps else root).resolve()
-        if (folder / "checkpoints" / "last.pt").is_file() and not resume:
-            raise FileExistsError(f"{folder} already holds a run; pass --resume to continue it or choose another folder")
+        if RunFolder(folder).last.is_file() and not resume:
+            raise FileExistsError(f"{folder} already holds a run: continue it with --resume, or start a new run in "
+                                  f"another folder with --run-dir DIR or run.name=NAME")
+        if resume and RunFolder(folder).last.is_file():  # the job would refuse changed overrides: say so now
+            _resume_config(RunFolder(folder), [*overrides, *extra], allow_changes=False)
         jobs.append((TrainJob(config, [*overrides, *extra], str(folder)), folder))
     assert root is not None and launcher is not None
     executor = _executor(launcher, root.resolve() / "slurm", root.name)

@@ -107,6 +107,18 @@ class _Signals:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _restored(modules: list[nn.Module], buffers: list[dict[str, Tensor]]) -> Any:
+    """Put each module's buffers back to ``buffers`` on the way out."""
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, saved in zip(modules, buffers):
+                for key, value in module.named_buffers():
+                    value.copy_(saved[key])
+
+
 class StepForward(nn.Module):
     """A step's forward pass as one module: tokenize -> mask -> objectives, summed with weights.
 
@@ -347,7 +359,9 @@ class Trainer:
         samples = [dataset[(i, 0)] for i in range(min(2, len(dataset)))]
         raw = _to_device(collate(samples), self.device)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast():
+        modules = [m for m in (model, teacher) if m is not None]
+        buffers = [{k: b.clone() for k, b in m.named_buffers()} for m in modules]  # forwards may count calls
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast(), _restored(modules, buffers):
             try:
                 model(raw, masker, torch.Generator().manual_seed(0), teacher)
             except KeyError as e:
