@@ -329,6 +329,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _message(error: BaseException) -> str:
+    """The user's error message; torch's DataLoader rebuilds a worker's error with the worker's whole
+    traceback as its message: keep only the error's own last line."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     # overrides may follow options (train cfg --resume a.b=1): collect key=value leftovers
@@ -343,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (UserError, FileExistsError, FileNotFoundError) as e:
-        print(f"anymodal {args.command}: error: {e}", file=sys.stderr)
+        print(f"anymodal {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"anymodal {args.command}: stopped: {e}", file=sys.stderr)

@@ -53,3 +53,41 @@ def test_plugin_objective_failure_names_its_file_and_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "plugin 'depthplug'" in proc.stderr and "this objective is broken" in proc.stderr, proc.stderr
     assert "depthplug.py:" in proc.stderr
+
+
+DATASET = '''
+import torch
+from anymodal.core.errors import DataError
+from anymodal.plugins import hookimpl
+
+
+class Flaky:
+    """64 images; sample 40 is unreadable (as a file that went bad after the scan)."""
+
+    def __init__(self, split="train"):
+        pass
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        if index == 40:
+            raise DataError("sample 40 of the flaky set cannot be read")
+        return {"image": torch.rand(1, 16, 16), "label": index % 10}
+
+
+@hookimpl
+def register_datasets():
+    return {"flaky": Flaky}
+'''
+
+
+def test_user_error_in_a_loader_worker_is_one_line(tmp_path):
+    (tmp_path / "flakyplug.py").write_text(DATASET)
+    proc = anymodal("train", "tiny-test", "--run-dir", tmp_path / "run", "plugins=[flakyplug]",
+                    "data.train={name: flaky, _replace_: true}", "data.num_workers=1", "data.batch_size=64",
+                    check=False, env_extra={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == ["anymodal train: error: sample 40 of the flaky set cannot be read"], proc.stderr
+    assert "Traceback" not in proc.stderr
