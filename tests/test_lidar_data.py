@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import time
 
 import numpy as np
 import pytest
@@ -374,15 +373,13 @@ def test_sweep_points_lie_on_the_scene_surfaces(cache):
         assert item["text"].startswith(f"a {ds.classes[item['label']]}")
 
 
-def test_sweeps_deterministic_balanced_noisy_and_fast(cache, tmp_path):
+def test_sweeps_deterministic_balanced_and_noisy(cache, tmp_path):
     train = LidarSweepsDataset("train", size=12, cache_dir=cache)
     fresh = LidarSweepsDataset("train", size=12, cache_dir=str(tmp_path))
     test = LidarSweepsDataset("test", size=12, cache_dir=cache)
     assert np.bincount(train.labels).tolist() == [3, 3, 3, 3]
-    start = time.perf_counter()
     first = train[0]["points"]
-    elapsed = time.perf_counter() - start
-    assert 15_000 < len(first) < 35_000 and first.shape[1] == 4 and elapsed < 2.0, (len(first), elapsed)
+    assert 15_000 < len(first) < 35_000 and first.shape[1] == 4, len(first)
     assert torch.equal(first, fresh[0]["points"]) and train[0]["text"] == fresh[0]["text"]
     assert not any(np.array_equal(train.scene(0)["boxes"], test.scene(j)["boxes"]) and
                    np.array_equal(train.scene(0)["cylinders"], test.scene(j)["cylinders"]) for j in range(12))
@@ -390,8 +387,7 @@ def test_sweeps_deterministic_balanced_noisy_and_fast(cache, tmp_path):
     off = _surface_distance(world, train.scene(0))
     assert 0.001 < np.median(off) < 0.03 and np.quantile(off, 0.999) < 0.1  # 2 cm range noise
     big = LidarSweepsDataset("train", size=12, points=120_000, cache_dir=cache)
-    start = time.perf_counter()
     n = len(big[1]["points"])
-    assert 100_000 < n < 140_000 and time.perf_counter() - start < 4.0, n
+    assert 100_000 < n < 140_000, n  # its speed: benchmarks/lidar_ops.py
     batch = collate([train[0], train[1]])
     assert batch["points_padding"].shape == batch["points"].shape[:2] and isinstance(batch["text"], list)
