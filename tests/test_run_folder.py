@@ -79,17 +79,6 @@ def test_checkpoint_that_ends_a_stage_without_its_final_file_resumes(two_stage, 
     _same_run(run, two_stage)
 
 
-def test_sigterm_between_stages_is_handled(two_stage, tmp_path):
-    """A signal that arrives while stage 2 is being built checkpoints nothing new and exits resumable."""
-    run = tmp_path / "run"
-    proc = spawn(*TWO_STAGE, "--run-dir", run)
-    _wait_for(lambda: (run / "checkpoints" / "contrastive-final.pt").exists(), proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    anymodal("train", "--resume", "--run-dir", run)
-    _same_run(run, two_stage)
-
-
 @pytest.mark.parametrize("again", [[], ["--resume"]])
 def test_restart_before_the_first_checkpoint_logs_each_step_once(tmp_path, again):
     run = tmp_path / "run"
