@@ -22,9 +22,9 @@ data.train.name=image_folder data.train.root=photos``): overrides apply in order
 
 `validate` then checks, once plugins are loaded, every component node against its registry and
 factory signature, every value against the range or choices its schema field declares
-(`core.schema.checked`), the model's width against its heads, and builds each masker node once
-(maskers are cheap; their constructors check their arguments), so a bad mask ratio is a config
-error naming ``modality.masker.ratio`` and its file. It reports every problem at once.
+(`core.schema.checked`), the model's width against its heads, and builds the tokenizer and each
+masker node once (they are cheap; their constructors check their arguments), so a bad mask ratio
+is a config error naming ``modality.masker.ratio`` and its file. It reports every problem at once.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
 from .registry import ArgumentError, closest, signature_errors
-from .schema import REPLACE, Config, Range, key_errors, model_errors, optional_of, rule_errors
+from .schema import REPLACE, Config, Range, key_errors, model_errors, model_shape, optional_of, rule_errors
 
 __all__ = ["ConfigError", "ComposedConfig", "compose", "validate", "save_config", "load_run_config", "PACKAGE_CONFIGS", "SCRATCH"]
 
@@ -327,18 +327,19 @@ def _component_errors(node: Any, registry: Any, key: str, src: Callable[[str], s
     return errors
 
 
-def _masker_errors(node: Any, components: Any, key: str, src: Callable[[str], str]) -> list[str]:
-    """A masker node checked against its factory, then built once: its constructor checks the values."""
-    errors = _component_errors(node, components.masker, key, src, [])
+def _build_errors(node: Any, registry: Any, key: str, src: Callable[[str], str], **injected: Any) -> list[str]:
+    """A node checked against its factory, then built once, so that its constructor checks the values
+    (for the cheap components: the modality's tokenizer and the maskers)."""
+    errors = _component_errors(node, registry, key, src, injected)
     if errors:
         return errors
     name, kwargs = node["name"], {k: v for k, v in node.items() if k != "name"}
     try:
-        components.masker.build(name, **kwargs)
+        registry.build(name, **kwargs, **injected)
     except ArgumentError as e:
         return [f"{key}.{e} (from {src(f'{key}.{e.argument}')})"]
-    except ValueError as e:  # a factory's way to say an argument is wrong
-        return [f"{key} (masker {name!r}, from {src(key)}): {e}"]
+    except (ValueError, TypeError) as e:  # the arguments come straight from the YAML: a bad value or type
+        return [f"{key} ({registry.kind} {name!r}, from {src(key)}): {e}"]
     return []
 
 
@@ -380,9 +381,13 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         raise ConfigError([f"cannot resolve the config: {e}"]) from e
     src = composed.source
     errors = rule_errors(cfg, src) + model_errors(cfg["model"], src)
-    errors += _component_errors(cfg["modality"]["tokenizer"], components.tokenizer, "modality.tokenizer", src, ["dim"])
+    if errors:  # no model width to build the tokenizer with
+        errors += _component_errors(cfg["modality"]["tokenizer"], components.tokenizer, "modality.tokenizer", src, ["dim"])
+    else:
+        errors += _build_errors(cfg["modality"]["tokenizer"], components.tokenizer, "modality.tokenizer", src,
+                                dim=model_shape(composed.cfg.model)[0])
     if cfg["modality"]["masker"]:
-        errors += _masker_errors(cfg["modality"]["masker"], components, "modality.masker", src)
+        errors += _build_errors(cfg["modality"]["masker"], components.masker, "modality.masker", src)
     for split in ("train", "test"):
         if cfg["data"][split]:
             errors += _component_errors(cfg["data"][split], components.dataset, f"data.{split}", src, ["split"])
@@ -408,7 +413,7 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         earlier.append(stage_name)
         # a masker that points at another node (${modality.masker}) is checked there
         if resolved_stage["masker"] and not OmegaConf.is_interpolation(stage, "masker"):
-            errors += _masker_errors(resolved_stage["masker"], components, f"{prefix}.masker", src)
+            errors += _build_errors(resolved_stage["masker"], components.masker, f"{prefix}.masker", src)
         if not resolved_stage["objectives"]:
             errors.append(f"{prefix} (from {src(prefix)}) lists no objectives")
         weight_errors = _weight_errors(resolved_stage, prefix, src)

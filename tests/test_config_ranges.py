@@ -142,6 +142,12 @@ def test_a_stage_masker_of_its_own_is_checked_and_named(components):
     assert errors == [f"{STAGE}.masker.num_targets must be >= 1, got 0 (from command line)"]
 
 
+def test_the_tokenizer_is_built_at_config_time_so_its_argument_errors_are_config_errors(components):
+    errors = config_errors(components, ["modality.tokenizer.patch_size=5"])  # digits at 16x16
+    assert errors == ["modality.tokenizer (tokenizer 'image_patch', from command line): "
+                      "image_size 16 is not a multiple of patch_size 5"]
+
+
 @pytest.mark.parametrize("make,argument", [
     (lambda: RandomMasker(ratio=1.0), "ratio"),
     (lambda: RandomMasker(ratio="half"), "ratio"),
