@@ -432,12 +432,19 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
-    """The resolved config saved in a run folder, re-checked against the schema."""
-    path = Path(run_dir) / "config.yaml"
+    """The config a run folder's run uses: the saved ``config.yaml``, re-checked against the schema,
+    with the changes its resumes recorded (``--allow-changes``) applied in order."""
+    from .runfolder import RunFolder
+
+    folder = RunFolder(Path(run_dir))
+    path = folder.config
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml")
     data = _read_yaml(path)
     errors = key_errors(data, str(path))
     if errors:
         raise ConfigError(errors)
-    return OmegaConf.merge(OmegaConf.structured(Config), data)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
+    for key, value in folder.recorded_changes():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import UserError
+
 __all__ = ["resolve_device", "autocast_for", "sdpa_kernels", "SDPA_KERNELS", "compile_blocks", "compile_for", "COMPILE_MODES"]
 
 
@@ -15,7 +17,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name} but torch sees no CUDA device (torch {torch.__version__})")
+        raise UserError(f"run.device={name} but torch sees no CUDA device (torch {torch.__version__}); "
+                        f"use run.device=auto or cpu")
     return device
 
 

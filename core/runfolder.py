@@ -131,13 +131,17 @@ class RunFolder:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.metrics)
 
-    def recorded_overrides(self) -> list[str]:
-        """Every recorded change as a ``key=value`` override, oldest first: the run's config is
-        ``config.yaml`` with these applied."""
+    def recorded_changes(self) -> list[tuple[str, Any]]:
+        """Every change recorded by a resume, as ``(key, value after)``, oldest first: the run's config
+        is ``config.yaml`` with these applied."""
         if not self.changes.is_file():
             return []
-        return [f"{key}={json.dumps(change['after'])}" for line in self.changes.read_text().splitlines() if line.strip()
+        return [(key, change["after"]) for line in self.changes.read_text().splitlines() if line.strip()
                 for key, change in json.loads(line)["changes"].items()]
+
+    def recorded_overrides(self) -> list[str]:
+        """`recorded_changes` as ``key=value`` command-line overrides."""
+        return [f"{key}={json.dumps(value)}" for key, value in self.recorded_changes()]
 
     def record_changes(self, changes: dict[str, tuple[Any, Any]], stage: str, step: int) -> None:
         """Append one resume's config changes (key -> (before, after)) to `changes`."""

@@ -32,10 +32,10 @@ from .backbone import Backbone
 from .build import build_backbone, build_dataset, build_masker, build_objectives, build_teacher, build_transforms
 from .checkpoint import (CheckpointError, checkpoint_part, load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state,
                          shard_folder)
-from .config import SCRATCH, objective_nodes, save_config
+from .config import SCRATCH, ConfigError, objective_nodes, save_config
 from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
 from .data import AugmentedDataset, collate, make_loader, mix_seed
-from .errors import DataError
+from .errors import DataError, UserError
 from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
 from .monitor import OnlineMonitor
 from .parallel import full_optimizer_state, grad_norm_value, load_optimizer_state, load_shards, parallelize, save_shards
@@ -105,6 +105,18 @@ class _Signals:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _bad_value(key: str) -> Any:
+    """A component factory's ValueError (an argument it rejects) as a config error naming ``key``; the
+    config check cannot build these components (stage teachers need the earlier stage's weights)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        raise ConfigError([f"{key}: {e}"]) from e
 
 
 @contextlib.contextmanager
@@ -251,17 +263,22 @@ class Trainer:
             path = self.folder.final(stage.init_from)
             load_model_state(self.backbone, checkpoint_part(load_checkpoint(path), "backbone", path),
                              f"stage {name} init_from {path}")
-        teacher = build_teacher(stage, self.components, self.backbone, self.folder)
+        prefix = f"recipe.stages.{name}"
+        with _bad_value(f"{prefix}.teacher"):
+            teacher = build_teacher(stage, self.components, self.backbone, self.folder)
         if teacher is not None:
             teacher.to(self.device)
-        objectives, weights = build_objectives(stage, self.components, self.backbone, teacher)
+        with _bad_value(f"{prefix}.objectives"):
+            objectives, weights = build_objectives(stage, self.components, self.backbone, teacher)
         objectives.to(self.device)
         if hasattr(self.backbone.tokenizer, "make_targets"):  # skip reconstruction targets no objective reads
             self.backbone.tokenizer.make_targets = any(getattr(o, "needs_targets", False) for o in objectives.values())
         masker = build_masker(stage, self.components)
         batch_size = stage.batch_size or cfg.data.batch_size
-        dataset = AugmentedDataset(build_dataset(cfg, "train", self.components), build_transforms(cfg, self.components),
-                                   self.key, mix_seed(cfg.run.seed, index), views=cfg.data.views)
+        with _bad_value("data.train / data.transforms"):
+            dataset = AugmentedDataset(build_dataset(cfg, "train", self.components),
+                                       build_transforms(cfg, self.components), self.key, mix_seed(cfg.run.seed, index),
+                                       views=cfg.data.views)
         total = stage_steps(stage, len(dataset), batch_size)
         monitor = OnlineMonitor(cfg, self.components, self.device) if cfg.eval.monitor_every and self.main else None
         model = StepForward(self.backbone, objectives, weights)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from anymodal.core.checkpoint import load_checkpoint
+from anymodal.core.config import load_run_config
 from helpers import anymodal, losses, spawn
 
 TWO_STAGE = ["train", "tiny-two-stage", "recipe.stages.contrastive.steps=8", "recipe.stages.distill.steps=8",
@@ -129,6 +130,7 @@ def test_resume_uses_the_saved_config_and_refuses_changes(tmp_path):
     assert (run / "config.yaml").read_text() == saved
     records = [json.loads(line) for line in (run / "config-changes.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6 and records[-1]["changes"]["recipe.stages.pretrain.steps"] == {"before": 6, "after": 9}
+    assert load_run_config(run).recipe.stages.pretrain.steps == 9  # what eval and export read
     anymodal("train", "--resume", "--run-dir", run)  # 9 steps now, nothing to do
     assert [s for _, s, _ in losses(run)] == list(range(1, 10))
 
@@ -167,3 +169,15 @@ def test_full_disk_names_the_file_and_the_last_good_checkpoint(tmp_path):
         assert load_checkpoint(last)["step"] == 2
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_values_only_a_component_can_check_are_one_error_line(tmp_path):
+    """Objective arguments are checked when the stage builds them (a stage teacher needs the earlier
+    stage's weights first); a value they reject is a config error naming the key, not a traceback."""
+    for override, message in [("recipe.stages.pretrain.objectives.masked_pixel.decoder_heads=5",
+                               "recipe.stages.pretrain.objectives: dim 96 is not divisible by num_heads 5"),
+                              ("run.device=cuda", "run.device=cuda but torch sees no CUDA device")]:
+        if override == "run.device=cuda" and torch.cuda.is_available():
+            continue
+        proc = anymodal("train", "tiny-test", "--run-dir", tmp_path / "run", override, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
