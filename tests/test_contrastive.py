@@ -251,7 +251,7 @@ def test_attentive_pool_ignores_padding():
     ({"temperature": 0.0}, "temperature must be in"),
     ({"temperature": 0.005}, "temperature must be in"),
     ({"max_logit_scale": 1.0}, "max_logit_scale must be above 1"),
-    ({"mask_ratio": 1.0}, "mask ratio"),
+    ({"mask_ratio": 1.0}, "ratio must be in \\[0, 1\\)"),
     ({"pair": "views", "text": {"dim": 16}}, "text tower of pair=text"),
     ({"pair": "views", "other_key": "rgb"}, "needs other_tokenizer"),
     ({"pair": "modality"}, "needs other_tokenizer"),
