@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import UserError
+
 __all__ = ["Attention", "ATTENTION_BACKENDS", "Packed", "check_backend"]
 
 # sdpa: torch's fused kernels (FlashAttention / cuDNN / memory-efficient on GPU);
@@ -28,13 +30,17 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if backend == "xformers":
         if importlib.util.find_spec("xformers") is None:
-            raise ImportError("model.attn_backend=xformers needs the xformers package (pip install anymodal[xformers], "
-                              "CUDA only); use attn_backend=sdpa instead")
+            raise BackendUnavailable("model.attn_backend=xformers needs the xformers package (pip install xformers, "
+                                     "CUDA only); use attn_backend=sdpa instead")
         try:
             import xformers.ops  # noqa: F401
         except Exception as err:  # e.g. built for another torch: say so now, not at the first forward
-            raise ImportError(f"model.attn_backend=xformers: xformers is installed but does not import ({err}); "
-                              "use attn_backend=sdpa instead") from err
+            raise BackendUnavailable(f"model.attn_backend=xformers: xformers is installed but does not import ({err}); "
+                                     "use attn_backend=sdpa instead") from err
+
+
+class BackendUnavailable(UserError, ImportError):
+    """The attention backend the config asks for cannot run here (its package is missing or broken)."""
 
 
 @dataclass

@@ -127,3 +127,15 @@ def test_trainer_makes_targets_only_for_stages_that_read_them(tmp_path):
         trainer.run()
         assert trainer.backbone.tokenizer.make_targets is wanted, recipe
     assert MaskedPixel.needs_targets
+
+
+def test_unavailable_attention_backend_is_one_error_line(tmp_path):
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("xformers imports here: the backend is available")
+    proc = anymodal("train", "tiny-test", "--run-dir", tmp_path / "run", "model.attn_backend=xformers", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "model.attn_backend=xformers" in proc.stderr and "attn_backend=sdpa" in proc.stderr, proc.stderr
