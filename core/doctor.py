@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,17 +21,10 @@ from ..plugins.manager import load_components
 
 __all__ = ["EXTRAS", "doctor_report", "source_checkout", "install_command"]
 
-# import name -> (distribution, the pyproject optional-dependencies extra that brings it, or None
-# where COMMANDS says how)
-EXTRAS = {
-    "timm": ("timm", None),
-    "av": ("av", "video"),
-    "laspy": ("laspy", "lidar"),
-    "xformers": ("xformers", "xformers"),
-    "torchaudio": ("torchaudio", "audio"),
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "submitit": ("submitit", None),
-}
+# import name -> distribution; the pip extra that brings each is read from anymodal's own metadata
+# (pyproject's optional-dependencies), so it is named in one place
+EXTRAS = {"timm": "timm", "av": "av", "laspy": "laspy", "xformers": "xformers", "torchaudio": "torchaudio",
+          "tensorboard": "tensorboard", "submitit": "submitit"}
 # timm without its dependencies, as scripts/install.sh does: its torchvision requirement would
 # replace a CPU torch (anymodal.core.timm_compat supplies what timm needs from torchvision)
 COMMANDS = {"timm": 'pip install --no-deps "timm>=1.0,<2"', "submitit": "pip install submitit"}
@@ -51,6 +45,20 @@ def install_command(extra: str, checkout: Optional[Path], cwd: Path) -> str:
         return f'pip install "anymodal[{extra}]"'
     where = "." if checkout.resolve() == cwd.resolve() else str(checkout)
     return f'pip install -e "{where}[{extra}]"'
+
+
+def _extra_for(dist: str) -> Optional[str]:
+    """The optional-dependencies extra of anymodal that requires ``dist`` (not the dev one), or None."""
+    try:
+        requires = importlib.metadata.requires("anymodal") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for req in requires:
+        name, _, marker = req.partition(";")
+        extra = marker.split("extra ==")[-1].strip().strip("\"'") if "extra ==" in marker else None
+        if extra and extra != "dev" and re.split(r"[\[<>=!~ ]", name.strip(), maxsplit=1)[0] == dist:
+            return extra
+    return None
 
 
 def _extra_line(module: str, dist: str, need: str) -> str:
@@ -86,8 +94,9 @@ def doctor_report() -> str:
              f"python {platform.python_version()} ({sys.executable})",
              f"torch {torch.__version__}", *_cuda_lines(), "optional extras:"]
     checkout, cwd = source_checkout(), Path.cwd()
-    for module, (dist, extra) in EXTRAS.items():
-        need = COMMANDS[module] if extra is None else install_command(extra, checkout, cwd)
+    for module, dist in EXTRAS.items():
+        extra = None if module in COMMANDS else _extra_for(dist)
+        need = COMMANDS.get(module) or (install_command(extra, checkout, cwd) if extra else f"pip install {dist}")
         lines.append(_extra_line(module, dist, need))
     lines.append(_clip_vocab_line())
     components = load_components(skip_broken=True)
