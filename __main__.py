@@ -1,5 +1,5 @@
 import sys
 
-from anymodal.core.cli import main
+from anymodal.app.cli import main
 
 sys.exit(main())

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from anymodal.core.experiment import format_rows, run_variant
+from anymodal.app.experiment import format_rows, run_variant
 
 # recipe -> overrides that set its stage lengths to the same total of optimizer steps
 RECIPES = {

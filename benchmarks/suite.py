@@ -207,7 +207,7 @@ def _modality_parts(modality: str, dev: str, extra: tuple[str, ...] = ()) -> tup
     """Config, components, backbone and training dataset of ``anymodal train default modality=X recipe=mae``
     (and ``extra`` overrides)."""
     from anymodal.core.build import build_backbone, build_dataset, build_transforms
-    from anymodal.core.cli import load_config
+    from anymodal.app.cli import load_config
     from anymodal.core.data import AugmentedDataset
 
     overrides = [f"modality={modality}", "recipe=mae"] + (["model=base"] if dev == "gpu" else []) + list(extra)

@@ -10,13 +10,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .backbone import Backbone
+from .checkpoint import load_checkpoint, load_model_state
 from .config import objective_nodes
 from .encoder import Encoder
 from .posenc import build_posenc
+from .runfolder import RunFolder
 from .schema import model_shape as encoder_shape  # (width, depth, heads) after the size's defaults
 
 __all__ = ["encoder_shape", "build_backbone", "build_dataset", "build_transforms", "build_masker", "build_objectives",
-           "build_teacher"]
+           "build_teacher", "stage_objectives"]
 
 
 def _plain(node: Any) -> dict:
@@ -99,3 +101,14 @@ def build_objectives(stage: Any, components: Any, backbone: Backbone,
         modules[label] = components.objective.build(name, dim=backbone.encoder.dim, tokenizer=backbone.tokenizer, **node)
         weights[label] = weight
     return modules, weights
+
+
+def stage_objectives(folder: RunFolder, components: Any, backbone: Backbone, name: str, stage: Any) -> Optional[nn.ModuleDict]:
+    """A finished stage's objectives with their trained weights (heads, decoders, text towers)."""
+    final = folder.final(name)
+    if not final.is_file():
+        return None
+    teacher = build_teacher(stage, components, backbone, folder)
+    objectives, _ = build_objectives(stage, components, backbone, teacher)
+    load_model_state(objectives, load_checkpoint(final)["objectives"], f"{final} (objectives)")
+    return objectives.to(next(backbone.parameters()).device).eval()

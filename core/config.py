@@ -33,7 +33,6 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import inspect
-import os
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -232,14 +231,13 @@ def _clear(cfg: DictConfig, key: str, source: str, sources: dict[str, str]) -> N
 
 def plugin_config_dirs() -> list[Path]:
     """The ``configs/`` folders that installed plugins ship beside their module, searched for group
-    files after the packaged ones: a sensor package's ``configs/modality/radar.yaml`` makes
-    ``modality=radar`` work. Found without importing the plugins; none when autoload is disabled."""
-    from ..plugins.manager import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP
+    files after the packaged ones: the image plugin's ``configs/modality/image.yaml`` makes
+    ``modality=image`` work, a sensor package's ``radar.yaml`` ``modality=radar``. Found without
+    importing the plugins; other packages' none when autoload is disabled."""
+    from ..plugins.manager import plugin_entry_points
 
-    if os.environ.get(DISABLE_AUTOLOAD_ENV):
-        return []
     found = []
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in plugin_entry_points():
         try:
             spec = importlib.util.find_spec(ep.value.split(":")[0].strip())
         except (ImportError, ValueError):  # a broken plugin: `anymodal doctor` reports it

@@ -9,13 +9,35 @@ function of the global step it starts from, whatever the number of worker proces
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["collate", "pad_ragged", "AugmentedDataset", "StepBatchSampler", "make_loader", "mix_seed"]
+__all__ = ["collate", "pad_ragged", "AugmentedDataset", "StepBatchSampler", "make_loader", "mix_seed", "cache_dir",
+           "report_skipped"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir(*parts: str) -> str:
+    """Where generated and fetched data is cached: ``$ANYMODAL_CACHE/<parts>``, else
+    ``$XDG_CACHE_HOME/anymodal/<parts>``, else ``~/.cache/anymodal/<parts>``."""
+    root = os.environ.get("ANYMODAL_CACHE")
+    if root:
+        return os.path.join(os.path.expanduser(root), *parts)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "anymodal", *parts)
+
+
+def report_skipped(skipped: Sequence[tuple[str, str]], base: str, what: str) -> None:
+    """Log the unreadable files (path, reason) a dataset's scan under ``base`` left out."""
+    if skipped:
+        names = ", ".join(p for p, _ in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        log.warning("skipped %d unreadable %s(s) under %s: %s", len(skipped), what, base, names)
 
 
 def mix_seed(*parts: int) -> int:

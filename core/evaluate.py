@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +23,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .backbone import Backbone
-from .build import build_backbone, build_dataset, build_objectives, build_teacher
-from .checkpoint import load_checkpoint, load_model_state
+from .build import build_backbone, build_dataset, stage_objectives
 from .config import load_run_config, objective_nodes
 from .data import collate
 from .device import resolve_device
 from .export import load_exported
-from .runfolder import RunFolder
+from .runfolder import RunFolder, write_atomic
 
 __all__ = ["extract_features", "linear_probe", "knn_accuracy", "evaluate_run", "format_table", "subset",
-           "EvalInterrupted", "write_atomic"]
+           "EvalInterrupted"]
 
 log = logging.getLogger("anymodal.eval")
 
@@ -69,17 +68,6 @@ def _stop_on_signals(written: list[Path]) -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` then rename over ``path``: an interrupted eval leaves whole files or none."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def subset(dataset: Dataset, n: int, seed: int) -> Dataset:
@@ -172,17 +160,6 @@ def probe(backbone: Backbone, train: Dataset, test: Dataset, ev: Any, device: to
         log.info("%s: k-NN of %s (k=%d), %d queries against %d", name, f, ev.knn_k, len(xte), len(xtr))
         out[prefix + "knn"] = knn_accuracy(xtr, ytr[f], xte, yte[f], ev.knn_k)
     return out
-
-
-def stage_objectives(folder: RunFolder, components: Any, backbone: Backbone, name: str, stage: Any) -> Optional[nn.ModuleDict]:
-    """A finished stage's objectives with their trained weights (heads, decoders, text towers)."""
-    final = folder.final(name)
-    if not final.is_file():
-        return None
-    teacher = build_teacher(stage, components, backbone, folder)
-    objectives, _ = build_objectives(stage, components, backbone, teacher)
-    load_model_state(objectives, load_checkpoint(final)["objectives"], f"{final} (objectives)")
-    return objectives.to(next(backbone.parameters()).device).eval()
 
 
 @torch.no_grad()

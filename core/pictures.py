@@ -14,11 +14,10 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from .backbone import Backbone  # noqa: E402
-from .build import build_masker  # noqa: E402
+from .build import build_masker, stage_objectives  # noqa: E402
 from .data import collate  # noqa: E402
-from .evaluate import stage_objectives, write_atomic  # noqa: E402
 from .objective import Batch  # noqa: E402
-from .runfolder import RunFolder  # noqa: E402
+from .runfolder import RunFolder, write_atomic  # noqa: E402
 
 __all__ = ["plot_loss_curve", "plot_reconstructions"]
 

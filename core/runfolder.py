@@ -19,11 +19,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import UserError
 
-__all__ = ["RunFolder", "RunFolderBusy"]
+__all__ = ["RunFolder", "RunFolderBusy", "write_atomic"]
 
 log = logging.getLogger("anymodal.train")
 
@@ -149,3 +149,14 @@ class RunFolder:
                   "changes": {k: {"before": a, "after": b} for k, (a, b) in changes.items()}}
         with open(self.changes, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` then rename over ``path``: an interrupted writer leaves whole files or none."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

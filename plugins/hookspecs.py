@@ -3,7 +3,9 @@
 A plugin is a module (or object) with functions decorated by ``anymodal.plugins.hookimpl``
 whose names are the hooks below. It is found through the ``anymodal`` entry-point group of an
 installed package, or through the config's ``plugins: [dotted.module]`` list. The built-in
-modalities and components are plugins like any other (``anymodal.plugins.builtin``).
+modalities (``anymodal.plugins.image``, ``video``, ``lidar``, ``audio``, ``text``) and the
+modality-free components (``anymodal.plugins.components``) are plugins like any other, in the same
+entry-point group.
 
 Every ``register_*`` hook is called once when components are loaded, takes no arguments, and
 returns a mapping of name to factory (or None). A factory is called with its config section as
@@ -173,4 +175,14 @@ def configure(config: Any) -> Optional[Mapping[str, Any]]:
 
     :param config: the composed config (an OmegaConf DictConfig, read-only by convention).
     :return: a mapping of defaults to merge beneath the config (the config's own values win), or None.
+    """
+
+
+@hookspec
+def report_environment() -> Optional[Mapping[str, str]]:
+    """What ``anymodal doctor`` should say about the things this plugin needs that are not Python
+    packages it imports at load time (a vocabulary file, a decoder library, a data cache).
+
+    :return: a mapping of a short label to its status line (``"present   <where>"`` or
+        ``"missing   <how to get it>"``), or None.
     """

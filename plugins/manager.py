@@ -1,5 +1,9 @@
-"""Load plugins (built-ins, the ``anymodal`` entry-point group, config-named modules) and collect
-their components into registries."""
+"""Load plugins (the ``anymodal`` entry-point group, config-named modules) and collect their
+components into registries.
+
+The built-in plugins (each modality, and the modality-free components) are the entry points of the
+``anymodal`` distribution itself: loaded first and always, whatever ``ANYMODAL_DISABLE_PLUGIN_AUTOLOAD``
+says about other packages'."""
 
 from __future__ import annotations
 
@@ -21,14 +25,14 @@ from ..core.registry import Registry, closest
 from . import hookspecs
 from .contract import check_tokenizer, describe_failure, factory_problems, plugin_home, raised_at
 
-__all__ = ["Components", "PluginError", "load_components", "component_failure", "ENTRY_POINT_GROUP", "KINDS", "HOOKS"]
+__all__ = ["Components", "PluginError", "load_components", "component_failure", "plugin_entry_points",
+           "ENTRY_POINT_GROUP", "KINDS", "HOOKS"]
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "anymodal"
 DISABLE_AUTOLOAD_ENV = "ANYMODAL_DISABLE_PLUGIN_AUTOLOAD"
-BUILTIN = "anymodal.plugins.builtin.components"
-BUILTIN_NAME = "builtin"
+DISTRIBUTION = "anymodal"
 # hook name -> registry kind
 KINDS = {
     "register_tokenizers": "tokenizer",
@@ -54,6 +58,7 @@ class Components:
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> where it came from
     versions: dict[str, str] = field(default_factory=dict)  # plugin name -> "<distribution> <version>"
     failed: dict[str, str] = field(default_factory=dict)  # plugin name -> why it was skipped (skip_broken)
+    builtin: set[str] = field(default_factory=set)  # the plugins anymodal ships: their failures are bugs
     manager: pluggy.PluginManager | None = None
 
     def __getattr__(self, kind: str) -> Registry:
@@ -75,7 +80,7 @@ class Components:
             try:
                 out = impl.function(config=config)
             except Exception as e:  # an outside plugin's failure is its own: name it and the line
-                if impl.plugin_name == BUILTIN_NAME:
+                if impl.plugin_name in self.builtin:
                     raise
                 raise PluginError(f"plugin {impl.plugin_name!r}: hook configure raised "
                                   f"{describe_failure(e, _home(impl.plugin))}") from e
@@ -203,8 +208,6 @@ def _registrations(pm: pluggy.PluginManager, name: str) -> dict[str, Registry]:
 
 def _check_components(own: dict[str, Registry], name: str) -> None:
     """Every factory's signature, then every tokenizer on its example input; notes are logged."""
-    if name == BUILTIN_NAME:  # the built-in components have their own registry-wide tests
-        return
     for kind, registry in own.items():
         for entry in registry:
             problems = factory_problems(kind, entry.factory)
@@ -226,7 +229,7 @@ def component_failure(components: Components, kind: str, name: str, error: BaseE
     component of the built-in plugin: its failures are bugs and keep their traceback.
     """
     entry = components.registries[kind].entry(name)
-    if entry.plugin == BUILTIN_NAME:
+    if entry.plugin in components.builtin:
         return None
     home = plugin_home(getattr(entry.factory, "__module__", None) or "")
     return PluginError(f"plugin {entry.plugin!r}: {kind} {name!r} raised {describe_failure(error, home)}")
@@ -238,12 +241,13 @@ def blame(components: Components, used: Iterable[tuple[str, str]], error: BaseEx
     for kind, name in used:
         entry = components.registries[kind].entry(name)
         home = plugin_home(getattr(entry.factory, "__module__", None) or "")
-        if entry.plugin != BUILTIN_NAME and raised_at(error, home, fallback=False):
+        if entry.plugin not in components.builtin and raised_at(error, home, fallback=False):
             return component_failure(components, kind, name, error)
     return None
 
 
-def _add_plugin(comps: Components, name: str, load: Callable[[], Any], origin: str, version: str) -> None:
+def _add_plugin(comps: Components, name: str, load: Callable[[], Any], origin: str, version: str,
+                builtin: bool = False) -> None:
     """Load, register, check and add one plugin's components; on failure nothing of it stays."""
     assert comps.manager is not None
     pm = comps.manager
@@ -256,7 +260,8 @@ def _add_plugin(comps: Components, name: str, load: Callable[[], Any], origin: s
             if clash:
                 other = comps.registries[kind].entry(clash[0]).plugin
                 raise PluginError(f"{kind} {clash[0]!r} is registered by both plugin {other!r} and plugin {name!r}")
-        _check_components(own, name)
+        if not builtin:  # the built-in components have their own registry-wide tests
+            _check_components(own, name)
     except PluginError:
         pm.unregister(name=name)
         raise
@@ -264,6 +269,31 @@ def _add_plugin(comps: Components, name: str, load: Callable[[], Any], origin: s
         for entry in registry:
             comps.registries[kind].add(entry.name, entry.factory, name)
     comps.plugins[name], comps.versions[name] = origin, version
+    if builtin:
+        comps.builtin.add(name)
+
+
+def _is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
+    return ep.dist is not None and ep.dist.name == DISTRIBUTION
+
+
+def plugin_entry_points(autoload: bool | None = None) -> list[importlib.metadata.EntryPoint]:
+    """The ``anymodal`` entry points to load, built-in ones first; other packages' only with ``autoload``
+    (default: unless ``ANYMODAL_DISABLE_PLUGIN_AUTOLOAD`` is set).
+
+    Raises:
+        PluginError: anymodal's own entry points are missing (a clone used without being installed,
+            or installed before a built-in plugin was added).
+    """
+    if autoload is None:
+        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    found = list(_entry_points())
+    builtin = [ep for ep in found if _is_builtin(ep)]
+    if not builtin:
+        raise PluginError(f"anymodal's built-in plugins are not registered (no {ENTRY_POINT_GROUP!r} entry points of "
+                          f"the {DISTRIBUTION!r} distribution): install it, or reinstall a clone after pulling "
+                          f"(pip install -e .)")
+    return builtin + ([ep for ep in found if not _is_builtin(ep)] if autoload else [])
 
 
 def load_components(modules: Iterable[str] = (), autoload: bool | None = None, skip_broken: bool = False) -> Components:
@@ -282,10 +312,11 @@ def load_components(modules: Iterable[str] = (), autoload: bool | None = None, s
     """
     pm = _new_manager()
     comps = Components(manager=pm)
-    _add_plugin(comps, BUILTIN_NAME, lambda: _import(BUILTIN, BUILTIN_NAME), f"built in (anymodal {__version__})", f"anymodal {__version__}")
-    if autoload is None:
-        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
-    for ep in _entry_points() if autoload else ():
+    for ep in plugin_entry_points(autoload):
+        if _is_builtin(ep):
+            _add_plugin(comps, ep.name, lambda: _import(ep.value, ep.name), f"built in (anymodal {__version__})",
+                        f"anymodal {__version__}", builtin=True)
+            continue
         dist = ep.dist.name if ep.dist else "?"
         version = f"{dist} {ep.dist.version if ep.dist else '?'}"
         try:

@@ -69,7 +69,7 @@ build_spoken_digits() {
   local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/audio/spoken_digits"
   command -v espeak-ng >/dev/null 2>&1 || return 0
   if [ -f "$dest/train.jsonl" ] && [ -f "$dest/test.jsonl" ]; then return 0; fi
-  "$PY" -m anymodal.plugins.builtin.spoken_digits --out "$dest" --quiet \
+  "$PY" -m anymodal.plugins.audio.spoken_digits --out "$dest" --quiet \
     || echo "warning: could not build the spoken digits in $dest; the spoken_digits dataset reads its small copy" >&2
 }
 build_spoken_digits

@@ -17,8 +17,9 @@ sf = pytest.importorskip("soundfile", reason="audio tests need soundfile (pip in
 pytest.importorskip("soxr", reason="audio tests need soxr (pip install soundfile soxr)")
 
 from anymodal.core.data import AugmentedDataset, collate  # noqa: E402
-from anymodal.plugins.builtin import audio_data as A  # noqa: E402
-from anymodal.plugins.builtin.image_data import DIGIT_WORDS, CorruptFileError  # noqa: E402
+from anymodal.plugins.audio import data as A  # noqa: E402
+from anymodal.core.errors import CorruptFileError  # noqa: E402
+from anymodal.plugins.image.data import DIGIT_WORDS  # noqa: E402
 from anymodal.plugins.manager import load_components  # noqa: E402
 
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
@@ -254,7 +255,7 @@ def test_small_copy_loads_with_every_digit_in_both_splits(tmp_path, monkeypatch)
 
 @needs_espeak
 def test_build_is_deterministic_and_splits_by_voice(tmp_path):
-    from anymodal.plugins.builtin.spoken_digits import build
+    from anymodal.plugins.audio.spoken_digits import build
 
     for out in ("a", "b"):
         build(str(tmp_path / out), seed=3, voices=2, takes=1, max_seconds=1.0, workers=2 if out == "a" else 1)

@@ -6,7 +6,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from anymodal.core.config import PACKAGE_CONFIGS, ConfigError, compose, validate
+from anymodal.core.config import GROUPS, PACKAGE_CONFIGS, ConfigError, compose, plugin_config_dirs, validate
 from anymodal.plugins import load_components
 
 
@@ -23,8 +23,10 @@ def test_every_packaged_config_composes_and_validates(components):
 
 
 def test_every_group_file_composes_with_default(components):
-    groups = [(p.parent.name, p.stem) for p in PACKAGE_CONFIGS.rglob("*.yaml") if p.parent != PACKAGE_CONFIGS]
-    assert len(groups) >= 6
+    # the core's groups, and the modality files each built-in plugin ships in its own configs/
+    folders = [PACKAGE_CONFIGS, *plugin_config_dirs()]
+    groups = [(p.parent.name, p.stem) for base in folders for group in GROUPS for p in (base / group).glob("*.yaml")]
+    assert {name for group, name in groups if group == "modality"} >= {"image", "digits", "video", "lidar", "lidar_sweep", "audio"}
     for group, name in groups:
         validate(compose("default", [f"{group}={name}"]), components)
 

@@ -31,13 +31,13 @@ from torch._utils import ExceptionWrapper
 
 from anymodal.core.config import PACKAGE_CONFIGS
 from anymodal.core.errors import DataError
-from anymodal.plugins.builtin.audio_data import SMALL_SPOKEN_DIGITS, AudioManifestDataset
-from anymodal.plugins.builtin.image_data import CorruptFileError
-from anymodal.plugins.builtin.lidar_data import PointFolderDataset, aerial_tile_path, read_las
-from anymodal.plugins.builtin.lidar_scenes import ShapesDataset
-from anymodal.plugins.builtin.moving_digits import MovingDigitsDataset
-from anymodal.plugins.builtin.real_speech import read_stm, speech_sample_dir
-from anymodal.plugins.builtin.video_data import FrameFolderDataset, NpyVideoDataset
+from anymodal.plugins.audio.data import SMALL_SPOKEN_DIGITS, AudioManifestDataset
+from anymodal.core.errors import CorruptFileError
+from anymodal.plugins.lidar.data import PointFolderDataset, aerial_tile_path, read_las
+from anymodal.plugins.lidar.scenes import ShapesDataset
+from anymodal.plugins.video.moving_digits import MovingDigitsDataset
+from anymodal.plugins.audio.real_speech import read_stm, speech_sample_dir
+from anymodal.plugins.video.data import FrameFolderDataset, NpyVideoDataset
 from anymodal.plugins.manager import load_components
 from helpers import anymodal
 
@@ -219,7 +219,7 @@ def _config(modality_file: str, tokenizer: dict, train: dict) -> dict[str, Any]:
 
 RUNNER = """
 import contextlib, io, json, logging, sys, time, traceback
-from anymodal.core.cli import main
+from anymodal.app.cli import main
 results = {}
 for key, args in json.loads(sys.argv[1]):
     err, handlers, start = io.StringIO(), list(logging.getLogger().handlers), time.perf_counter()

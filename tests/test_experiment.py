@@ -23,12 +23,14 @@ def test_two_stage_experiment_table(tmp_path):
 
 def test_every_experiment_variant_is_a_valid_config():
     from anymodal.core.config import compose, validate
-    from anymodal.core.experiment import EXPERIMENTS
+    from anymodal.app.experiment import experiment_names, load_experiment
     from anymodal.plugins import load_components
 
     components = load_components()
-    for name, spec in EXPERIMENTS.items():
+    assert experiment_names() == ["two-stage", "two-stage-study"]
+    for name in experiment_names():
+        spec = load_experiment(name)
         for variant, overrides in spec["variants"].items():
             composed = compose(spec["config"], [*spec["common"], *overrides])
             validate(composed, components)  # raises ConfigError listing what is wrong
-    assert len(EXPERIMENTS["two-stage-study"]["variants"]) == 5
+    assert len(load_experiment("two-stage-study")["variants"]) == 5

@@ -1,4 +1,4 @@
-"""Tests for the image datasets and transforms of ``anymodal.plugins.builtin.image_data``."""
+"""Tests for the image datasets and transforms of ``anymodal.plugins.image.data``."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from anymodal.plugins.builtin import image_data
-from anymodal.plugins.builtin.image_data import (
+from anymodal.plugins.image import data as image_data
+from anymodal.plugins.image.data import (
     DIGIT_WORDS,
     CorruptFileError,
     DigitsDataset,
     ImageFolderDataset,
     MnistDataset,
 )
-from anymodal.plugins.builtin.image_transforms import (
+from anymodal.plugins.image.transforms import (
     Normalize,
     RandomHorizontalFlip,
     RandomResizedCrop,

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from anymodal.core.data import AugmentedDataset, collate
-from anymodal.plugins.builtin import point_transforms as T
-from anymodal.plugins.builtin.image_data import CorruptFileError
-from anymodal.plugins.builtin.lidar_data import (AERIAL_TILE_POINTS, AerialTileDataset, PointFolderDataset,
+from anymodal.plugins.lidar import transforms as T
+from anymodal.core.errors import CorruptFileError
+from anymodal.plugins.lidar.data import (AERIAL_TILE_POINTS, AerialTileDataset, PointFolderDataset,
                                                  aerial_tile_path, concat_sweeps, read_bin, read_las, read_npy,
                                                  read_pcd, read_points)
-from anymodal.plugins.builtin.lidar_scenes import SHAPE_CLASSES, LidarSweepsDataset, ShapesDataset
+from anymodal.plugins.lidar.scenes import SHAPE_CLASSES, LidarSweepsDataset, ShapesDataset
 
 HAVE_LASPY = importlib.util.find_spec("laspy") is not None
 

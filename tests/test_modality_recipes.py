@@ -7,7 +7,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from anymodal.plugins.builtin.audio_data import SMALL_SPOKEN_DIGITS
+from anymodal.plugins.audio.data import SMALL_SPOKEN_DIGITS
 from helpers import anymodal
 
 TINY = ["recipe.stages.*.steps=2", "run.log_every=1", "data.batch_size=8"]

@@ -1,4 +1,4 @@
-"""Tests for ``anymodal.plugins.builtin.moving_digits.MovingDigitsDataset``."""
+"""Tests for ``anymodal.plugins.video.moving_digits.MovingDigitsDataset``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from anymodal.plugins.builtin import moving_digits
-from anymodal.plugins.builtin.image_data import DIGIT_WORDS, MnistDataset
-from anymodal.plugins.builtin.moving_digits import MovingDigitsDataset, default_cache_dir
+from anymodal.plugins.video import moving_digits
+from anymodal.plugins.image.data import DIGIT_WORDS, MnistDataset
+from anymodal.plugins.video.moving_digits import MovingDigitsDataset, default_cache_dir
 
 SMALL = dict(size=96, frames=6, image_size=32)
 

@@ -22,7 +22,7 @@ from test_plugins import _anymodal, _tokenizer_plugin, make_module  # noqa: F401
 from anymodal.core.build import build_dataset
 from anymodal.core.config import compose
 from anymodal.core.data import collate
-from anymodal.core.scaffold import new_plugin
+from anymodal.app.scaffold import new_plugin
 from anymodal.plugins import PluginError, load_components
 from anymodal.plugins.contract import CHECK_BATCH, CHECK_DIM, token_scale_note
 from anymodal.plugins.manager import component_failure

@@ -172,7 +172,8 @@ def test_entry_point_plugin_loaded_in_process(installed: Path) -> None:
     assert PLUGIN_NAME in components.plugins
     assert components.plugins[PLUGIN_NAME].startswith(f"entry point {PLUGIN_PACKAGE} (anymodal-testplug 0.1.0")
     assert components.versions[PLUGIN_NAME] == "anymodal-testplug 0.1.0"
-    assert components.versions["builtin"] == "anymodal 0.1.0"
+    assert {components.versions[name] for name in components.builtin} == {"anymodal 0.1.0"}
+    assert components.builtin == {"components", "image", "video", "lidar", "audio", "text"}
     masker = components.masker.build("every_other")
     tokens = Tokens(x=torch.zeros(2, 5, 3), pos=torch.zeros(2, 5, 1, dtype=torch.long),
                     padding=torch.tensor([[False] * 5, [False] * 4 + [True]]))
@@ -354,7 +355,7 @@ def test_name_clash_with_builtin(make_module: Callable[[str, str], str]) -> None
         def register_maskers():
             return {"random": Mine}
     """)
-    with pytest.raises(PluginError, match=r"masker 'random' is registered by both plugin 'builtin' and plugin 'clashplug'"):
+    with pytest.raises(PluginError, match=r"masker 'random' is registered by both plugin 'components' and plugin 'clashplug'"):
         load_components([name], autoload=False)
 
 
@@ -476,9 +477,11 @@ def test_cli_lists_builtin_kinds(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     for kind in KINDS.values():
         assert f"{kind}s:" in lines, proc.stdout
-    for name in ("image_patch", "digits", "random_resized_crop", "random", "masked_pixel"):
-        assert any(line.split() == [name, "from", "builtin", "(anymodal", "0.1.0)"] for line in lines), proc.stdout
-    assert any(line.split() == ["builtin", "built", "in", "(anymodal", "0.1.0)"] for line in lines), proc.stdout
+    for name, plugin in (("image_patch", "image"), ("digits", "image"), ("random_resized_crop", "image"),
+                         ("tubelet", "video"), ("random", "components"), ("masked_pixel", "components")):
+        assert any(line.split() == [name, "from", plugin, "(anymodal", "0.1.0)"] for line in lines), proc.stdout
+    for plugin in ("components", "image", "video", "lidar", "audio", "text"):  # loaded with autoload off
+        assert any(line.split() == [plugin, "built", "in", "(anymodal", "0.1.0)"] for line in lines), proc.stdout
 
 
 # ---- a plugin's tokenizer is checked on load against the register_tokenizers contract ------------

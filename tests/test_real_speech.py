@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from anymodal.plugins.builtin.audio_data import read_audio
-from anymodal.plugins.builtin.real_speech import SpeechSampleDataset, alsa_prompts, read_stm, speech_sample_dir
+from anymodal.plugins.audio.data import read_audio
+from anymodal.plugins.audio.real_speech import SpeechSampleDataset, alsa_prompts, read_stm, speech_sample_dir
 from anymodal.tokenizers.audio import LogMelFrontend
 from helpers import anymodal
 

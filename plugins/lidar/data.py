@@ -27,11 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ...core.data import mix_seed
-from ...core.errors import DataError
-from .image_data import CorruptFileError
-from .image_transforms import _int_arg
-from .moving_digits import default_cache_dir
+from ...core.args import int_arg
+from ...core.data import cache_dir, mix_seed
+from ...core.errors import CorruptFileError, DataError
 
 __all__ = ["LAS_INSTALL_HINT", "AERIAL_TILE_SHA256", "AERIAL_TILE_POINTS", "POINT_EXTENSIONS", "MAX_COORDINATE", "read_bin",
            "read_npy", "read_pcd", "read_las", "read_points", "concat_sweeps", "lidar_cache_dir",
@@ -72,7 +70,7 @@ def _checked(path: str, array: np.ndarray, dtype: Any) -> np.ndarray:
 
 def read_bin(path: str, channels: int = 4, dtype: Any = np.float32) -> np.ndarray:
     """KITTI-style raw little-endian float32 records (x, y, z, intensity by default)."""
-    channels = _int_arg("channels", channels, 3)
+    channels = int_arg("channels", channels, 3)
     record = 4 * channels
     size = os.path.getsize(path)
     if size % record:
@@ -304,13 +302,13 @@ class PointFolderDataset(Dataset):
                  strict: bool = False, verify: bool = True, npz_key: str | None = None,
                  extensions: Sequence[str] = POINT_EXTENSIONS, center: bool = False, seed: int = 0,
                  min_points: int = 1, bin_channels: int = 4) -> None:
-        self.channels = _int_arg("channels", channels, 3)
+        self.channels = int_arg("channels", channels, 3)
         if self.channels > 4:
             raise DataError(f"channels must be 3 (x, y, z) or 4 (plus intensity), got {channels}")
-        self.max_points = None if max_points is None else _int_arg("max_points", max_points, 1)
-        self.min_points = _int_arg("min_points", min_points, 1)
-        self.bin_channels = _int_arg("bin_channels", bin_channels, 3)
-        self.seed, self.center, self.npz_key = _int_arg("seed", seed, 0), bool(center), npz_key
+        self.max_points = None if max_points is None else int_arg("max_points", max_points, 1)
+        self.min_points = int_arg("min_points", min_points, 1)
+        self.bin_channels = int_arg("bin_channels", bin_channels, 3)
+        self.seed, self.center, self.npz_key = int_arg("seed", seed, 0), bool(center), npz_key
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in ([extensions] if isinstance(extensions, str) else extensions))
         unknown = [e for e in exts if e not in _READERS]
         if not exts or unknown:
@@ -390,7 +388,7 @@ def _natural_key(name: str) -> list[Any]:
 
 def lidar_cache_dir() -> str:
     """``$ANYMODAL_CACHE/lidar``, else ``$XDG_CACHE_HOME/anymodal/lidar``, else ``~/.cache/anymodal/lidar``."""
-    return os.path.join(os.path.dirname(default_cache_dir()), "lidar")
+    return cache_dir("lidar")
 
 
 def aerial_tile_path() -> str:
@@ -416,7 +414,7 @@ class AerialTileDataset(Dataset):
     def __init__(self, split: str | None = None, grid: int = 4, min_points: int = 64, path: str | None = None) -> None:
         if split not in (None, *_SPLITS):
             raise DataError(f"unknown aerial tile split {split!r}; valid splits: {list(_SPLITS)} or None")
-        grid, min_points = _int_arg("grid", grid, 1), _int_arg("min_points", min_points, 1)
+        grid, min_points = int_arg("grid", grid, 1), int_arg("min_points", min_points, 1)
         self.path = os.fspath(path) if path is not None else aerial_tile_path()
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"the aerial lidar tile {self.path!r} is missing; fetch it with: bash scripts/install.sh "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import shlex
@@ -14,100 +13,27 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from ..core.config import compose, load_run_config
+from ..core.errors import UserError
+from ..core.trainer import NonFiniteLossError
 from ..plugins.manager import load_components
-from .config import compose, load_run_config, validate
-from .errors import UserError
-from .runfolder import RunFolder
-from .trainer import NonFiniteLossError
+from .experiment import experiment_names
+from .train import load_config, train
 
-__all__ = ["main", "load_config"]
+__all__ = ["main"]
 
 log = logging.getLogger("anymodal")
 
 
-def load_config(config: str, overrides: Sequence[str]):
-    """What `anymodal train` runs: the composed config (plugins' defaults merged, validated) and the components."""
-    composed = compose(config, overrides)
-    components = load_components(composed.cfg.plugins)
-    for defaults in components.configure(composed.cfg):
-        composed.cfg = OmegaConf.merge(OmegaConf.merge(composed.cfg, defaults), composed.cfg)
-    validate(composed, components)
-    return composed, components
-
-
-def _log_to(folder: Path) -> None:
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / "logs" / "anymodal.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-
-
-def _resume_config(folder: RunFolder, overrides: Sequence[str], allow_changes: bool):
-    """The run's saved config with the resume's overrides applied, and what they change (refused when
-    they would alter the weights, unless ``allow_changes``)."""
-    from .resume import ResumeChangeError, config_changes, harmful
-
-    recorded = folder.recorded_overrides()
-    saved = compose(str(folder.config), recorded)  # as saved: plugin defaults are in it already
-    composed, components = load_config(str(folder.config), [*recorded, *overrides])
-    changes = config_changes(saved.cfg, composed.cfg)
-    refused = harmful(changes)
-    if refused and not allow_changes:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise ResumeChangeError(f"--resume continues {folder.root} with its saved config ({folder.config}); these overrides "
-                                f"would make it differ from an uninterrupted run: {listed}. Pass --allow-changes to "
-                                f"resume with them anyway (they are recorded in {folder.changes.name}), or start a new run")
-    return composed, components, changes
-
-
-def train(config: Optional[str], overrides: Sequence[str], run_dir: Optional[str] = None, resume: bool = False,
-          allow_changes: bool = False) -> Path:
-    """Run a config's recipe in a run folder; with ``resume``, continue the folder's run from its saved config."""
-    from .trainer import Trainer
-
-    from .device import resolve_device
-    from .distributed import init_from_env, rank, shutdown
-
-    composed = components = None
-    if config is not None:
-        composed, components = load_config(config, overrides)
-        folder = RunFolder(Path(run_dir) if run_dir else Path(composed.cfg.run.out_dir) / composed.cfg.run.name)
-    elif run_dir and resume:
-        folder = RunFolder(Path(run_dir))
-    else:
-        raise UserError("name a config to train (e.g. `anymodal train default`), or resume a run folder: "
-                        "`anymodal train --resume --run-dir DIR`")
-    changes: dict = {}
-    if resume and folder.last.is_file() and folder.config.is_file():
-        composed, components, changes = _resume_config(folder, overrides, allow_changes)
-    elif composed is None:  # nothing was trained yet: start again from the folder's saved config
-        if not folder.config.is_file():
-            raise UserError(f"{folder.root} holds no run to resume; name a config to start one there")
-        composed, components = load_config(str(folder.config), overrides)
-    cfg = composed.cfg
-    # under torchrun or a multi-task Slurm job: join the process group the environment describes
-    created = init_from_env(resolve_device(cfg.run.device).type)
-    try:
-        with folder.lock() if rank() == 0 else contextlib.nullcontext():  # one run per folder
-            if rank() == 0:
-                _log_to(folder.root)
-            log.info("run folder %s; config from %s", folder.root, ", ".join(composed.files))
-            Trainer(cfg, components, folder.root, resume=resume, changes=changes).run()
-    finally:
-        if created:
-            shutdown()
-    return folder.root
-
-
 def evaluate(run_dir: str, pictures: Optional[bool] = None) -> dict:
-    from .evaluate import evaluate_run
+    from ..core.evaluate import evaluate_run
 
     cfg = load_run_config(Path(run_dir))
     return evaluate_run(Path(run_dir), load_components(cfg.plugins), pictures)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import Preempted
+    from ..core.trainer import Preempted
 
     if args.config and "=" in args.config:  # `anymodal train --resume a.b=c`: an override, not a config file
         args.overrides, args.config = [args.config, *args.overrides], None
@@ -124,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalInterrupted
+    from ..core.evaluate import EvalInterrupted
 
     try:
         summary = evaluate(args.run_dir, False if args.no_pictures else None)
@@ -154,9 +80,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from .experiment import EXPERIMENTS, format_rows, run_variant
+    from .experiment import format_rows, load_experiment, run_variant
 
-    spec = EXPERIMENTS[args.experiment]
+    spec = load_experiment(args.experiment)
     extra = [a for a in [args.config, *args.overrides] if "=" in a]
     out = Path(args.run_dir or f"runs/{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
     start, rows = time.perf_counter(), []
@@ -236,10 +162,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .build import build_backbone
-    from .checkpoint import checkpoint_part, load_checkpoint, load_model_state, shard_folder
-    from .export import export_backbone
-    from .runfolder import RunFolder
+    from ..core.build import build_backbone
+    from ..core.checkpoint import checkpoint_part, load_checkpoint, load_model_state, shard_folder
+    from ..core.export import export_backbone
+    from ..core.runfolder import RunFolder
 
     folder = RunFolder(Path(args.run_dir))
     cfg = load_run_config(folder.root)
@@ -248,7 +174,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     state = load_checkpoint(ckpt)
     shards = shard_folder(ckpt, state)
     if shards is not None:  # FSDP: the weights are in the shard folder it names
-        from .parallel import load_backbone_from_shards
+        from ..core.parallel import load_backbone_from_shards
 
         load_backbone_from_shards(shards, backbone)
     else:
@@ -296,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="pre-train the embedded default, then print the probe table")
     with_config(s, default="default")
     s.add_argument("--run-dir")
-    s.add_argument("--experiment", choices=["two-stage", "two-stage-study"],
+    s.add_argument("--experiment", choices=experiment_names(),
                    help="two-stage: the two-stage claim on moving-digit videos (contrastive only, MAE only, two-stage with "
                         "and without token shuffling), probing appearance and motion; two-stage-study: one change at a "
                         "time to the two-stage run (stage-2 targets, learning rate, mask ratio, tubelet size, length)")

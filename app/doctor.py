@@ -1,7 +1,8 @@
 """``anymodal doctor``: the environment a run would see, as text to paste into a bug report.
 
-Python, torch and CUDA, the optional extras present or missing (found without importing them), the
-registered plugins with their versions, and the entry-point plugins that failed to load and why.
+Python, torch and CUDA, the optional extras present or missing (found without importing them), what
+each plugin reports of its own needs (``report_environment``), the registered plugins with their
+versions, and the entry-point plugins that failed to load and why.
 """
 
 from __future__ import annotations
@@ -71,15 +72,6 @@ def _extra_line(module: str, dist: str, need: str) -> str:
     return f"  {module:<18} present   {version}"
 
 
-def _clip_vocab_line() -> str:
-    from ..tokenizers.text import find_clip_vocab
-
-    try:
-        return f"  {'open_clip vocab':<18} present   {find_clip_vocab()}"
-    except FileNotFoundError:
-        return f"  {'open_clip vocab':<18} missing   for clip_bpe: pip install --no-deps open-clip-torch"
-
-
 def _cuda_lines() -> list[str]:
     if not torch.cuda.is_available():
         return [f"cuda: not available (torch built for CUDA {torch.version.cuda or 'none'})"]
@@ -98,8 +90,10 @@ def doctor_report() -> str:
         extra = None if module in COMMANDS else _extra_for(dist)
         need = COMMANDS.get(module) or (install_command(extra, checkout, cwd) if extra else f"pip install {dist}")
         lines.append(_extra_line(module, dist, need))
-    lines.append(_clip_vocab_line())
     components = load_components(skip_broken=True)
+    assert components.manager is not None
+    for found in components.manager.hook.report_environment():  # what plugins need beyond imports
+        lines += [f"  {label:<18} {status}" for label, status in (found or {}).items()]
     lines.append("plugins:")
     for name, origin in components.plugins.items():
         counts = ", ".join(f"{len([e for e in r if e.plugin == name])} {kind}s" for kind, r in components.registries.items())

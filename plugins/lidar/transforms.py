@@ -8,13 +8,13 @@ transforms see the same generator state on every run.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from ...core.args import float_arg, fraction_arg, int_arg, range_arg
 from ...core.errors import DataError
-from .image_transforms import _float_arg, _int_arg, _range_arg
 
 __all__ = ["RangeCrop", "RotateZ", "RandomFlip", "PointDropout", "Jitter", "Subsample"]
 
@@ -25,13 +25,6 @@ def _check_points(x: Tensor, who: str) -> None:
         raise DataError(f"{who} expects one point cloud tensor [N, C >= 3] (x, y, z first), got {shape}")
     if not x.is_floating_point():
         raise DataError(f"{who} expects a floating-point tensor, got {x.dtype}")
-
-
-def _fraction_arg(name: str, value: Any, high: float = 1.0) -> float:
-    value = _float_arg(name, value)
-    if not 0.0 <= value <= high:
-        raise DataError(f"{name} must be in [0, {high}], got {value}")
-    return value
 
 
 def _random_subset(x: Tensor, keep: int, generator: torch.Generator | None) -> Tensor:
@@ -49,7 +42,7 @@ class RangeCrop:
     def __init__(self, bounds: Sequence[float]) -> None:
         if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence) or len(bounds) != 6:
             raise DataError(f"bounds must be [x_min, y_min, z_min, x_max, y_max, z_max], got {bounds!r}")
-        self.bounds = [_float_arg(f"bounds[{i}]", b) for i, b in enumerate(bounds)]
+        self.bounds = [float_arg(f"bounds[{i}]", b) for i, b in enumerate(bounds)]
         if any(lo > hi for lo, hi in zip(self.bounds[:3], self.bounds[3:])):
             raise DataError(f"bounds need every minimum <= its maximum, got {self.bounds}")
 
@@ -67,7 +60,7 @@ class RotateZ:
     """Rotate about the up (z) axis by an angle uniform in ``degrees`` (default: any angle)."""
 
     def __init__(self, degrees: Sequence[float] = (-180.0, 180.0)) -> None:
-        self.degrees = _range_arg("degrees", degrees)
+        self.degrees = range_arg("degrees", degrees)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_points(x, "RotateZ")
@@ -90,7 +83,7 @@ class RandomFlip:
         if not isinstance(x, bool) or not isinstance(y, bool) or not (x or y):
             raise DataError(f"x and y must be booleans, at least one true, got x={x!r}, y={y!r}")
         self.axes = [axis for axis, on in ((0, x), (1, y)) if on]
-        self.p = _fraction_arg("p", p)
+        self.p = fraction_arg("p", p)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_points(x, "RandomFlip")
@@ -112,8 +105,8 @@ class PointDropout:
     """
 
     def __init__(self, fraction: float | Sequence[float] = (0.0, 0.5)) -> None:
-        low, high = (fraction, fraction) if not isinstance(fraction, Sequence) else _range_arg("fraction", fraction)
-        self.fraction = (_fraction_arg("fraction", low, 0.999), _fraction_arg("fraction", high, 0.999))
+        low, high = (fraction, fraction) if not isinstance(fraction, Sequence) else range_arg("fraction", fraction)
+        self.fraction = (fraction_arg("fraction", low, 0.999), fraction_arg("fraction", high, 0.999))
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_points(x, "PointDropout")
@@ -130,7 +123,7 @@ class Jitter:
     """Add Gaussian noise of std ``sigma`` to x, y, z, clipped to ``[-clip, clip]`` per coordinate."""
 
     def __init__(self, sigma: float = 0.01, clip: float = 0.05) -> None:
-        self.sigma, self.clip = _float_arg("sigma", sigma), _float_arg("clip", clip)
+        self.sigma, self.clip = float_arg("sigma", sigma), float_arg("clip", clip)
         if self.sigma < 0 or self.clip < 0:
             raise DataError(f"sigma and clip must be >= 0, got sigma={sigma}, clip={clip}")
 
@@ -149,7 +142,7 @@ class Subsample:
     """Keep a random subset of at most ``max_points`` points, in their original order."""
 
     def __init__(self, max_points: int) -> None:
-        self.max_points = _int_arg("max_points", max_points, 1)
+        self.max_points = int_arg("max_points", max_points, 1)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_points(x, "Subsample")

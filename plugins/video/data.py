@@ -30,9 +30,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ...core.errors import DataError
-from .image_data import _PIL_ERRORS, CorruptFileError, verify_image
-from .image_transforms import _int_arg
+from ...core.args import int_arg
+from ...core.data import report_skipped
+from ...core.errors import CorruptFileError, DataError
+from ..image.data import PIL_ERRORS, verify_image
 
 __all__ = ["VideoInfo", "probe_video", "decode_video", "verify_video", "sample_frame_indices", "SAMPLING_MODES",
            "VideoFileDataset", "FrameFolderDataset", "NpyVideoDataset"]
@@ -119,7 +120,7 @@ def decode_video(path: str, indices: Sequence[int] | Tensor | None = None, max_f
     if wanted is not None and (not wanted or min(wanted) < 0):
         raise ValueError(f"decode_video needs non-empty, non-negative frame indices, got {wanted}")
     if max_frames is not None:
-        _int_arg("max_frames", max_frames, 1)
+        int_arg("max_frames", max_frames, 1)
     if dtype != torch.uint8 and not dtype.is_floating_point:
         raise ValueError(f"decode_video returns uint8 or floating-point frames, got dtype {dtype}")
     stop = max(wanted) + 1 if wanted is not None else max_frames
@@ -194,9 +195,9 @@ def sample_frame_indices(num_frames_in_video: int, clip_frames: int, stride: int
     Raises:
         ValueError: For an unknown mode or a non-positive count or stride.
     """
-    n = _int_arg("num_frames_in_video", num_frames_in_video, 1)
-    k = _int_arg("clip_frames", clip_frames, 1)
-    stride = _int_arg("stride", stride, 1)
+    n = int_arg("num_frames_in_video", num_frames_in_video, 1)
+    k = int_arg("clip_frames", clip_frames, 1)
+    stride = int_arg("stride", stride, 1)
     if mode == "uniform":
         return (2 * torch.arange(k) + 1) * n // (2 * k)
     if mode == "random":
@@ -239,12 +240,12 @@ class _ClipDataset(Dataset):
     """Shared clip logic; subclasses give ``_num_frames``, ``_read`` and ``_extra``."""
 
     def __init__(self, frames: int, stride: int, sampling: str, image_size: int | None) -> None:
-        self.frames = _int_arg("frames", frames, 1)
-        self.stride = _int_arg("stride", stride, 1)
+        self.frames = int_arg("frames", frames, 1)
+        self.stride = int_arg("stride", stride, 1)
         if sampling not in SAMPLING_MODES:
             raise DataError(f"unknown frame sampling mode {sampling!r}; valid modes: {list(SAMPLING_MODES)}")
         self.sampling = sampling
-        self.image_size = None if image_size is None else _int_arg("image_size", image_size, 1)
+        self.image_size = None if image_size is None else int_arg("image_size", image_size, 1)
 
     def _num_frames(self, index: int) -> int:
         raise NotImplementedError
@@ -287,12 +288,6 @@ def _split_folder(root: str, split: str | None) -> str:
     return os.path.join(root, split) if split is not None and os.path.isdir(os.path.join(root, split)) else root
 
 
-def _report_skipped(skipped: list[tuple[str, str]], base: str, what: str) -> None:
-    if skipped:
-        names = ", ".join(p for p, _ in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        logger.warning("skipped %d unreadable %s(s) under %s: %s", len(skipped), what, base, names)
-
-
 class _LabelledClips(_ClipDataset):
     """Class-folder datasets: ``samples`` of ``(path, label, num_frames)``."""
 
@@ -300,7 +295,7 @@ class _LabelledClips(_ClipDataset):
     samples: list[tuple[str, int, int]]
 
     def _finish_scan(self, base: str, what: str, exts: tuple[str, ...]) -> None:
-        _report_skipped(self.skipped, base, what)
+        report_skipped(self.skipped, base, what)
         if not self.samples:
             raise DataError(f"no readable {what}s with endings {list(exts)} in class folders of {base!r}"
                             + (f" ({len(self.skipped)} skipped as corrupt)" if self.skipped else ""))
@@ -438,7 +433,7 @@ class FrameFolderDataset(_LabelledClips):
             try:
                 with Image.open(paths[i]) as im:
                     loaded[i] = np.asarray(im.convert("RGB"), dtype=np.uint8)
-            except _PIL_ERRORS as exc:
+            except PIL_ERRORS as exc:
                 raise CorruptFileError(paths[i], f"{type(exc).__name__}: {exc}") from exc
         shapes = {a.shape for a in loaded.values()}
         if len(shapes) > 1:
@@ -516,7 +511,7 @@ class NpyVideoDataset(_ClipDataset):
                 if strict:
                     raise
                 self.skipped.append((exc.path, exc.reason))
-        _report_skipped(self.skipped, path, "video array")
+        report_skipped(self.skipped, path, "video array")
         if not self._videos:
             first, reason = self.skipped[0]
             raise DataError(f"no usable videos in {path!r}: {len(self.skipped)} skipped as corrupt, the first "

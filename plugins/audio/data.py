@@ -26,12 +26,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ...core.errors import DataError
-from .image_data import CorruptFileError
-from .image_transforms import _float_arg, _int_arg, _range_arg
-from .moving_digits import default_cache_dir
-from .point_transforms import _fraction_arg
-from .video_data import _report_skipped
+from ...core.args import float_arg, fraction_arg, int_arg, range_arg
+from ...core.data import cache_dir, report_skipped
+from ...core.errors import CorruptFileError, DataError
 
 __all__ = ["AUDIO_INSTALL_HINT", "read_audio", "RandomCropAudio", "RandomGain", "TimeMask", "FreqMask", "AddNoise",
            "AudioManifestDataset", "SpokenDigitsDataset", "spoken_digits_dir", "SMALL_SPOKEN_DIGITS"]
@@ -40,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 AUDIO_INSTALL_HINT = "pip install soundfile soxr"
 #: The small spoken-digits copy committed with the package (300 train + 100 test clips of at most 1 s).
-SMALL_SPOKEN_DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spoken_digits_small")
+SMALL_SPOKEN_DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spoken_digits_small")
 
 _SPLITS = ("train", "test")
 _MANIFEST_ENDINGS = (".csv", ".jsonl", ".ndjson")
@@ -105,7 +102,7 @@ def read_audio(path: str, sample_rate: int = 16000) -> Tensor:
     so the RIFF header's ``data`` chunk size is checked against the bytes present; and for any
     format, fewer frames read than the file's header reports is reported as truncation.
     """
-    sample_rate = _int_arg("sample_rate", sample_rate, 1)
+    sample_rate = int_arg("sample_rate", sample_rate, 1)
     sf = _soundfile()
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -167,7 +164,7 @@ class RandomCropAudio:
     """
 
     def __init__(self, seconds: float, sample_rate: int = 16000) -> None:
-        self.seconds, self.sample_rate = _float_arg("seconds", seconds), _int_arg("sample_rate", sample_rate, 1)
+        self.seconds, self.sample_rate = float_arg("seconds", seconds), int_arg("sample_rate", sample_rate, 1)
         if self.seconds <= 0:
             raise DataError(f"seconds must be > 0, got {seconds}")
         self.length = max(1, round(self.seconds * self.sample_rate))
@@ -188,7 +185,7 @@ class RandomGain:
     """Scale by a gain uniform in ``db`` decibels (amplitude ``10 ** (g / 20)``); no clipping."""
 
     def __init__(self, db: Sequence[float] = (-6.0, 6.0)) -> None:
-        self.db = _range_arg("db", db)
+        self.db = range_arg("db", db)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_wave(x, "RandomGain")
@@ -203,7 +200,7 @@ class TimeMask:
     """Zero ``count`` random spans, each up to ``max_fraction`` of the clip (they may overlap)."""
 
     def __init__(self, max_fraction: float = 0.1, count: int = 2) -> None:
-        self.max_fraction, self.count = _fraction_arg("max_fraction", max_fraction), _int_arg("count", count, 0)
+        self.max_fraction, self.count = fraction_arg("max_fraction", max_fraction), int_arg("count", count, 0)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_wave(x, "TimeMask")
@@ -234,8 +231,8 @@ class FreqMask:
     """
 
     def __init__(self, max_fraction: float = 0.1, count: int = 2, sample_rate: int = 16000) -> None:
-        self.max_fraction, self.count = _fraction_arg("max_fraction", max_fraction), _int_arg("count", count, 0)
-        self.sample_rate = _int_arg("sample_rate", sample_rate, 1)
+        self.max_fraction, self.count = fraction_arg("max_fraction", max_fraction), int_arg("count", count, 0)
+        self.sample_rate = int_arg("sample_rate", sample_rate, 1)
 
     def bands(self, generator: torch.Generator | None = None) -> Tensor:
         """The ``[count, 2]`` bands (low, high) in Hz that the next call with ``generator`` removes."""
@@ -261,7 +258,7 @@ class AddNoise:
     """Add white Gaussian noise at a signal-to-noise ratio uniform in ``snr_db`` (of the clip's power)."""
 
     def __init__(self, snr_db: Sequence[float] = (10.0, 30.0)) -> None:
-        self.snr_db = _range_arg("snr_db", snr_db)
+        self.snr_db = range_arg("snr_db", snr_db)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_wave(x, "AddNoise")
@@ -370,10 +367,10 @@ class AudioManifestDataset(Dataset):
     def __init__(self, manifest: str, split: str | None = None, root: str | None = None, sample_rate: int = 16000,
                  max_seconds: float | None = None, strict: bool = False, verify: bool = True,
                  extra_fields: Sequence[str] = ()) -> None:
-        self.sample_rate = _int_arg("sample_rate", sample_rate, 1)
+        self.sample_rate = int_arg("sample_rate", sample_rate, 1)
         self.max_samples = None
         if max_seconds is not None:
-            if _float_arg("max_seconds", max_seconds) <= 0:
+            if float_arg("max_seconds", max_seconds) <= 0:
                 raise DataError(f"max_seconds must be > 0 or None, got {max_seconds}")
             self.max_samples = max(1, round(max_seconds * self.sample_rate))
         self.manifest = _manifest_file(os.fspath(manifest), split)
@@ -409,7 +406,7 @@ class AudioManifestDataset(Dataset):
                 if strict:
                     raise
                 self.skipped.append((path, exc.reason))
-        _report_skipped(self.skipped, self.manifest, "audio file")
+        report_skipped(self.skipped, self.manifest, "audio file")
         if not self.samples:
             raise DataError(f"manifest {self.manifest!r} lists no readable audio files"
                              + (f" ({len(self.skipped)} skipped as corrupt)" if self.skipped else ""))
@@ -432,7 +429,7 @@ def spoken_digits_dir() -> str:
 
     ``<cache>`` is ``$ANYMODAL_CACHE``, else ``$XDG_CACHE_HOME/anymodal``, else ``~/.cache/anymodal``.
     """
-    return os.path.join(os.path.dirname(default_cache_dir()), "audio", "spoken_digits")
+    return cache_dir("audio", "spoken_digits")
 
 
 def _built(folder: str) -> bool:
@@ -465,7 +462,7 @@ class SpokenDigitsDataset(AudioManifestDataset):
         global _warned_small
         if split not in _SPLITS:
             raise DataError(f"unknown spoken digits split {split!r}; valid splits: {list(_SPLITS)}")
-        build = f"python -m anymodal.plugins.builtin.spoken_digits --out {root or spoken_digits_dir()}"
+        build = f"python -m anymodal.plugins.audio.spoken_digits --out {root or spoken_digits_dir()}"
         if root is not None:
             if not _built(os.fspath(root)):
                 raise FileNotFoundError(f"no spoken digits build in {os.fspath(root)!r} (train.jsonl and test.jsonl); "

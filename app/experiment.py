@@ -1,6 +1,7 @@
 """Run several variants of a config through the real command line and tabulate their probes.
 
-Used by ``anymodal demo --experiment two-stage`` (the two-stage claim on moving digits) and by
+The experiments are YAML files in ``configs/experiment/``; ``anymodal demo --experiment two-stage``
+runs one (the two-stage claim on moving digits). Also used by
 ``benchmarks/objectives.py`` (one row per recipe). Each variant trains in its own run folder
 (``anymodal train``, wall time measured around it) and is evaluated there (``anymodal eval``).
 """
@@ -14,37 +15,22 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["run_variant", "format_rows", "EXPERIMENTS"]
+import yaml
 
-# the two-stage claim on video (VideoPrism): four runs with the same number of optimizer steps
-EXPERIMENTS: dict[str, dict[str, Any]] = {
-    "two-stage": {
-        "config": "default",
-        "common": ["modality=video", "data.batch_size=64", "eval.max_train=6000", "eval.max_test=2000"],
-        "variants": {
-            "contrastive only (stage 1)": ["recipe=clip", "recipe.stages.contrastive.steps=800"],
-            "masked modeling only (MAE)": ["recipe=mae", "recipe.stages.pretrain.steps=800"],
-            "two-stage (VideoPrism)": ["recipe=videoprism", "recipe.stages.*.steps=400"],
-            "two-stage, no token shuffle": ["recipe=videoprism", "recipe.stages.*.steps=400",
-                                            "recipe.stages.distill.objectives.masked_distill.shuffle=false"],
-        },
-    },
-    # why stage 2 did not add motion: one change at a time against the two-stage run above
-    "two-stage-study": {
-        "config": "default",
-        "common": ["modality=video", "data.batch_size=64", "eval.max_train=6000", "eval.max_test=2000",
-                   "recipe=videoprism", "recipe.stages.*.steps=400"],
-        "variants": {
-            "stage-2 targets: mean of the teacher's last 4 blocks, instance-normed":
-                ["recipe.stages.distill.objectives.masked_distill.target_layers=4",
-                 "recipe.stages.distill.objectives.masked_distill.target_norm=instance"],
-            "stage-2 learning rate 2e-4 (keeps more of stage 1)": ["recipe.stages.distill.optim.lr=2e-4"],
-            "stage-2 tube mask ratio 0.75 (was 0.9)": ["recipe.stages.distill.masker.ratio=0.75"],
-            "tubelets 1x8x8 (one frame per token, 128 tokens)": ["modality.tokenizer.tubelet=[1,8,8]"],
-            "stage 2 three times longer (400 + 1200 steps)": ["recipe.stages.distill.steps=1200"],
-        },
-    },
-}
+__all__ = ["run_variant", "format_rows", "experiment_names", "load_experiment"]
+
+EXPERIMENT_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiment"
+
+
+def experiment_names() -> list[str]:
+    """The experiments ``anymodal demo --experiment`` runs: the files of ``configs/experiment/``."""
+    return sorted(p.stem for p in EXPERIMENT_CONFIGS.glob("*.yaml"))
+
+
+def load_experiment(name: str) -> dict[str, Any]:
+    """An experiment's spec: ``config`` (the base config), ``common`` overrides, and ``variants``
+    (name -> overrides, in file order)."""
+    return yaml.safe_load((EXPERIMENT_CONFIGS / f"{name}.yaml").read_text())
 
 
 def _cli(args: Sequence[str]) -> float:

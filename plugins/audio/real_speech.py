@@ -21,9 +21,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ...core.data import cache_dir
 from ...core.errors import DataError
-from .audio_data import read_audio
-from .moving_digits import default_cache_dir
+from .data import read_audio
 
 __all__ = ["speech_sample_dir", "read_stm", "Utterance", "SpeechSampleDataset", "alsa_prompts", "ALSA_SOUNDS"]
 
@@ -33,7 +33,7 @@ _FETCH = "bash scripts/install.sh (it extracts them from the pyannote.audio==4.0
 
 def speech_sample_dir() -> str:
     """Where ``scripts/install.sh`` puts ``sample.wav`` and ``sample.stm``: ``<cache>/audio/speech_sample``."""
-    return os.path.join(os.path.dirname(default_cache_dir()), "audio", "speech_sample")
+    return cache_dir("audio", "speech_sample")
 
 
 @dataclass(frozen=True)

@@ -5,42 +5,19 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...core.args import float_arg, int_arg, range_arg
 from ...core.errors import DataError
 
 __all__ = ["RandomResizedCrop", "RandomHorizontalFlip", "Resize", "Normalize", "RandomTranslate"]
 
 # --------------------------------------------------------------------------------------------
 # argument checks
-
-
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    # bool is an int subclass, but `size=True` is always a config mistake
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise DataError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise DataError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _float_arg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise DataError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _range_arg(name: str, value: Any) -> tuple[float, float]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
-        raise DataError(f"{name} must be a pair [low, high], got {value!r}")
-    low, high = _float_arg(f"{name}[0]", value[0]), _float_arg(f"{name}[1]", value[1])
-    if low > high:
-        raise DataError(f"{name} must satisfy low <= high, got {value!r}")
-    return low, high
 
 
 def _check_image(x: Tensor, who: str) -> None:
@@ -85,11 +62,11 @@ class RandomResizedCrop:
         scale: Sequence[float] = (0.5, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
     ) -> None:
-        self.size = _int_arg("size", size, 1)
-        self.scale = _range_arg("scale", scale)
+        self.size = int_arg("size", size, 1)
+        self.scale = range_arg("scale", scale)
         if not 0.0 < self.scale[0] or self.scale[1] > 1.0:
             raise DataError(f"scale must lie within (0, 1], got {list(scale)}")
-        self.ratio = _range_arg("ratio", ratio)
+        self.ratio = range_arg("ratio", ratio)
         if self.ratio[0] <= 0.0:
             raise DataError(f"ratio must be positive, got {list(ratio)}")
 
@@ -147,7 +124,7 @@ class RandomHorizontalFlip:
     """
 
     def __init__(self, p: float = 0.5) -> None:
-        self.p = _float_arg("p", p)
+        self.p = float_arg("p", p)
         if not 0.0 <= self.p <= 1.0:
             raise DataError(f"p must be in [0, 1], got {p}")
 
@@ -171,7 +148,7 @@ class Resize:
     """
 
     def __init__(self, size: int) -> None:
-        self.size = _int_arg("size", size, 1)
+        self.size = int_arg("size", size, 1)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Resize one image ``[C, H, W]``; ``generator`` is accepted for a uniform interface."""
@@ -195,8 +172,8 @@ class Normalize:
             mean = [mean]
         if isinstance(std, numbers.Real):
             std = [std]
-        self.mean = [_float_arg(f"mean[{i}]", m) for i, m in enumerate(mean)]
-        self.std = [_float_arg(f"std[{i}]", s) for i, s in enumerate(std)]
+        self.mean = [float_arg(f"mean[{i}]", m) for i, m in enumerate(mean)]
+        self.std = [float_arg(f"std[{i}]", s) for i, s in enumerate(std)]
         if not self.mean or len(self.mean) != len(self.std):
             raise DataError(
                 f"mean and std must be non-empty and of equal length, got {len(self.mean)} and "
@@ -232,7 +209,7 @@ class RandomTranslate:
     """
 
     def __init__(self, max_shift: int) -> None:
-        self.max_shift = _int_arg("max_shift", max_shift, 0)
+        self.max_shift = int_arg("max_shift", max_shift, 0)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Translate one image ``[C, H, W]``; ``generator`` supplies the shifts."""

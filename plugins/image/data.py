@@ -20,14 +20,12 @@ Registration into the plugin registries is done elsewhere; this module only defi
 
 from __future__ import annotations
 
-import ast
 import gzip
 import hashlib
 import importlib.util
 import logging
 import os
 import pickle
-import re
 import threading
 from typing import Any, Sequence
 
@@ -38,8 +36,8 @@ from PIL import Image, UnidentifiedImageError
 
 from torch.utils.data import Dataset
 
-from ...core.errors import DataError
-from .image_transforms import _float_arg, _int_arg
+from ...core.args import float_arg, int_arg
+from ...core.errors import CorruptFileError, DataError
 
 __all__ = [
     "MNIST_SHA256",
@@ -63,7 +61,7 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # Errors PIL raises for unreadable files: UnidentifiedImageError (an OSError) when the format is
 # unknown, OSError for truncated data, SyntaxError from verify() for broken chunks, EOFError from
 # some decoders, DecompressionBombError for absurd sizes.
-_PIL_ERRORS: tuple[type[BaseException], ...] = (
+PIL_ERRORS: tuple[type[BaseException], ...] = (
     UnidentifiedImageError,
     OSError,
     SyntaxError,
@@ -86,49 +84,9 @@ def verify_image(path: str) -> str | None:
             im.verify()
         with Image.open(path) as im:
             im.load()
-    except _PIL_ERRORS as exc:
+    except PIL_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-# the message CorruptFileError builds, read back when the error is rebuilt from it alone
-_CORRUPT_MESSAGE = re.compile(r"corrupt or unreadable file ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"): (.*)")
-
-
-class CorruptFileError(DataError):
-    """A data file that cannot be read, or whose content is not valid (truncated, out of range).
-
-    It survives pickling and torch's DataLoader, which re-raises an error from a worker process
-    as ``type(error)(message)`` with the worker's traceback in the message: given one argument,
-    the error reads the path and reason back from the last message of its own kind in it, so the
-    command line still prints one line naming the file.
-
-    Args:
-        path: The offending file, or (alone) a message holding this error's own message.
-        reason: What is wrong with it.
-
-    Attributes:
-        path: The offending file.
-        reason: What is wrong (for a decoder's error: its type and message).
-    """
-
-    def __init__(self, path: str, reason: str | None = None) -> None:
-        if reason is None:
-            path, reason = _path_and_reason(str(path))
-        super().__init__(f"corrupt or unreadable file {path!r}: {reason}")
-        self.path = path
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        return type(self), (self.path, self.reason)
-
-
-def _path_and_reason(message: str) -> tuple[str, str]:
-    """The path and reason in the last CorruptFileError message within ``message`` (a worker's traceback)."""
-    found = [m for m in map(_CORRUPT_MESSAGE.search, message.splitlines()) if m]
-    if not found:
-        return "?", message.strip()
-    return ast.literal_eval(found[-1].group(1)), found[-1].group(2)
 
 
 def _stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -189,7 +147,7 @@ def _verify_sha256(path: str, expected: str) -> None:
         )
 
 
-def _load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The MNIST splits, verified and unpickled once per process."""
     global _mnist_cache
     with _mnist_lock:
@@ -255,9 +213,9 @@ class MnistDataset(_HandwrittenDigits):
         if split not in _MNIST_SPLITS:
             raise DataError(f"unknown MNIST split {split!r}; valid splits: {list(_MNIST_SPLITS)}")
         if limit is not None:
-            limit = _int_arg("limit", limit, 1)
-        seed = _int_arg("seed", seed, 0)
-        images, labels = _load_mnist()[split]
+            limit = int_arg("limit", limit, 1)
+        seed = int_arg("seed", seed, 0)
+        images, labels = load_mnist()[split]
         if limit is not None and limit < len(labels):
             self.indices = _stratified_subset(labels, limit, seed)
             images, labels = images[self.indices], labels[self.indices]
@@ -299,11 +257,11 @@ class DigitsDataset(_HandwrittenDigits):
 
         if split not in _DIGITS_SPLITS:
             raise DataError(f"unknown digits split {split!r}; valid splits: {list(_DIGITS_SPLITS)}")
-        test_fraction = _float_arg("test_fraction", test_fraction)
+        test_fraction = float_arg("test_fraction", test_fraction)
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        size = _int_arg("size", size, 1)
-        seed = _int_arg("seed", seed, 0)
+        size = int_arg("size", size, 1)
+        seed = int_arg("seed", seed, 0)
 
         digits = load_digits()
         targets = digits.target.astype(np.int64)
@@ -366,11 +324,11 @@ class ImageFolderDataset(Dataset):
         strict: bool = False,
         extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp", ".webp"),
     ) -> None:
-        channels = _int_arg("channels", channels, 1)
+        channels = int_arg("channels", channels, 1)
         if channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {channels}")
         if image_size is not None:
-            image_size = _int_arg("image_size", image_size, 1)
+            image_size = int_arg("image_size", image_size, 1)
         if isinstance(extensions, str):
             extensions = (extensions,)
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
@@ -446,7 +404,7 @@ class ImageFolderDataset(Dataset):
                 if self.image_size is not None:
                     im = im.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
                 array = np.asarray(im, dtype=np.uint8)
-        except _PIL_ERRORS as exc:
+        except PIL_ERRORS as exc:
             raise CorruptFileError(path, f"{type(exc).__name__}: {exc}") from exc
         if array.ndim == 2:
             array = array[:, :, None]

@@ -49,9 +49,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ...core.args import int_arg
+from ...core.data import cache_dir
 from ...core.errors import DataError
-from .image_data import DIGIT_WORDS, MNIST_SHA256, _load_mnist
-from .image_transforms import _int_arg
+from ..image.data import DIGIT_WORDS, MNIST_SHA256, load_mnist
 
 __all__ = ["MovingDigitsDataset", "default_cache_dir", "FORMAT_VERSION"]
 
@@ -65,16 +66,8 @@ _DIGIT_CELL = 28  # side of an MNIST image
 
 
 def default_cache_dir() -> str:
-    """The default cache folder.
-
-    ``$ANYMODAL_CACHE/moving_digits`` if that variable is set, else
-    ``$XDG_CACHE_HOME/anymodal/moving_digits``, else ``~/.cache/anymodal/moving_digits``.
-    """
-    root = os.environ.get("ANYMODAL_CACHE")
-    if root:
-        return os.path.join(os.path.expanduser(root), "moving_digits")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "anymodal", "moving_digits")
+    """The moving digits' cache folder: ``moving_digits`` in `anymodal.core.data.cache_dir`."""
+    return cache_dir("moving_digits")
 
 
 def _article(word: str) -> str:
@@ -146,18 +139,18 @@ class MovingDigitsDataset(Dataset):
             raise DataError(
                 f"unknown moving digits split {split!r}; valid splits: {list(_SPLITS)}"
             )
-        size = _int_arg("size", size, 1)
-        frames = _int_arg("frames", frames, 2)
-        num_directions = _int_arg("num_directions", num_directions, 2)
-        seed = _int_arg("seed", seed, 0)
+        size = int_arg("size", size, 1)
+        frames = int_arg("frames", frames, 2)
+        num_directions = int_arg("num_directions", num_directions, 2)
+        seed = int_arg("seed", seed, 0)
         if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence) or not speeds:
             raise DataError(
                 f"speeds must be a non-empty list of positive integers, got {speeds!r}"
             )
-        speed_list = sorted(_int_arg("speeds[]", s, 1) for s in speeds)
+        speed_list = sorted(int_arg("speeds[]", s, 1) for s in speeds)
         if len(set(speed_list)) != len(speed_list):
             raise DataError(f"speeds must not repeat a value, got {list(speeds)!r}")
-        image_size = _int_arg("image_size", image_size, 1)
+        image_size = int_arg("image_size", image_size, 1)
         minimum = _DIGIT_CELL + 2 * speed_list[-1]
         if image_size < minimum:
             raise DataError(
@@ -235,7 +228,7 @@ class MovingDigitsDataset(Dataset):
 
     def _generate(self) -> dict[str, np.ndarray]:
         n, T, S = self.size, self.frames, self.image_size
-        images, digit_labels = _load_mnist()[self.split]
+        images, digit_labels = load_mnist()[self.split]
         rng = np.random.default_rng([self.seed, _SPLITS.index(self.split), FORMAT_VERSION])
 
         # digits: consecutive seeded permutations of the split

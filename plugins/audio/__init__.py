@@ -1,0 +1,23 @@
+"""The audio modality: spectrogram tokenizers; audio manifests, the generated spoken digits and the
+real speech sample; waveform and spectrogram transforms; ``modality=audio`` is its config."""
+
+from ...tokenizers.audio import SpectrogramFrameTokenizer, SpectrogramPatchTokenizer
+from .. import hookimpl
+from . import data, real_speech
+
+
+@hookimpl
+def register_tokenizers():
+    return {"spectrogram_patch": SpectrogramPatchTokenizer, "spectrogram_frames": SpectrogramFrameTokenizer}
+
+
+@hookimpl
+def register_datasets():
+    return {"audio_manifest": data.AudioManifestDataset, "spoken_digits": data.SpokenDigitsDataset,
+            "speech_sample": real_speech.SpeechSampleDataset}
+
+
+@hookimpl
+def register_transforms():
+    return {"random_crop_audio": data.RandomCropAudio, "random_gain": data.RandomGain, "time_mask": data.TimeMask,
+            "freq_mask": data.FreqMask, "add_noise": data.AddNoise}
