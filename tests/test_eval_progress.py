@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from anymodal.app.doctor import install_command, source_checkout
+from anymodal.plugins.environment import install_command, source_checkout
 from anymodal.core.evaluate import EvalInterrupted, evaluate_run
 from anymodal.plugins.manager import load_components
 from helpers import anymodal, spawn

@@ -3,6 +3,7 @@ real speech sample; waveform and spectrogram transforms; ``modality=audio`` is i
 
 from ...tokenizers.audio import SpectrogramFrameTokenizer, SpectrogramPatchTokenizer
 from .. import hookimpl
+from ..environment import package_status
 from . import data, real_speech
 
 
@@ -21,3 +22,9 @@ def register_datasets():
 def register_transforms():
     return {"random_crop_audio": data.RandomCropAudio, "random_gain": data.RandomGain, "time_mask": data.TimeMask,
             "freq_mask": data.FreqMask, "add_noise": data.AddNoise}
+
+
+@hookimpl
+def report_environment():
+    return {"torchaudio": package_status("torchaudio", "torchaudio"),
+            "soundfile": package_status("soundfile", "soundfile")}

@@ -5,6 +5,7 @@ the real aerial tile, generated shapes and street sweeps; point transforms; ``mo
 from ...tokenizers.pillars import PillarTokenizer
 from ...tokenizers.points import PointPatchTokenizer
 from .. import hookimpl
+from ..environment import package_status
 from . import data, scenes, transforms
 
 
@@ -23,3 +24,8 @@ def register_datasets():
 def register_transforms():
     return {"range_crop": transforms.RangeCrop, "rotate_z": transforms.RotateZ, "random_flip": transforms.RandomFlip,
             "point_dropout": transforms.PointDropout, "jitter": transforms.Jitter, "subsample": transforms.Subsample}
+
+
+@hookimpl
+def report_environment():
+    return {"laspy": package_status("laspy", "laspy")}
