@@ -9,6 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from anymodal.core.config import PACKAGE_CONFIGS, ConfigError, compose, validate
+
+PLUGINS = PACKAGE_CONFIGS.parent / "plugins"
 from anymodal.core.data import StepBatchSampler
 from anymodal.core.masking import BlockMasker, MultiBlockMasker, RandomMasker, TubeMasker
 from anymodal.core.registry import ArgumentError
@@ -255,7 +257,7 @@ def test_replace_in_a_file_drops_the_modality_dataset_keys(components, tmp_path)
 def test_without_replace_the_modality_keys_leak_and_the_error_says_how_to_replace(components):
     errors = config_errors(components, ["modality=digits", "data.train.name=image_folder", "data.train.root=photos"])
     assert any("unknown argument 'size'" in e for e in errors), errors
-    assert errors[-1] == (f"data.train: 'size' came from {PACKAGE_CONFIGS / 'modality' / 'digits.yaml'}, merged under "
+    assert errors[-1] == (f"data.train: 'size' came from {PLUGINS / 'image' / 'configs' / 'modality' / 'digits.yaml'}, merged under "
                           "the name from command line; add `_replace_: true` to the node to replace it whole")
 
 

@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 from torch._utils import ExceptionWrapper
 
-from anymodal.core.config import PACKAGE_CONFIGS
+from anymodal.core.config import plugin_config_dirs
 from anymodal.core.errors import DataError
 from anymodal.plugins.audio.data import SMALL_SPOKEN_DIGITS, AudioManifestDataset
 from anymodal.core.errors import CorruptFileError
@@ -201,10 +201,15 @@ INPUTS: dict[str, Callable[[Path], Input]] = {
 SMALL_TOKENIZERS = {"lidar": {"groups": 8, "group_size": 16, "widths": [16, 16, 32]}}
 
 
+def _modality_file(name: str) -> Path:
+    """A built-in modality's config, in the configs/ folder of its plugin."""
+    return next(p for base in plugin_config_dirs() for p in [base / "modality" / f"{name}.yaml"] if p.is_file())
+
+
 def _config(modality_file: str, tokenizer: dict, train: dict) -> dict[str, Any]:
     """A whole config with the modality's tokenizer and masker and only this dataset: no default
     dataset keys of the modality file reach it."""
-    modality = yaml.safe_load((PACKAGE_CONFIGS / "modality" / f"{modality_file}.yaml").read_text())
+    modality = yaml.safe_load(_modality_file(modality_file).read_text())
     modality["modality"]["tokenizer"].update({**SMALL_TOKENIZERS.get(modality_file, {}), **tokenizer})
     return {
         "defaults": {"model": "cpu", "recipe": "mae"},
