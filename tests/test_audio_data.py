@@ -18,6 +18,7 @@ pytest.importorskip("soxr", reason="audio tests need soxr (pip install soundfile
 
 from anymodal.core.data import AugmentedDataset, collate  # noqa: E402
 from anymodal.plugins.audio import data as A  # noqa: E402
+from anymodal.plugins.audio import transforms as AT  # noqa: E402
 from anymodal.core.errors import CorruptFileError  # noqa: E402
 from anymodal.plugins.image.data import DIGIT_WORDS  # noqa: E402
 from anymodal.plugins.manager import load_components  # noqa: E402
@@ -160,7 +161,7 @@ def _noise(n=16000, seed=0):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.1
 
 
-ALL_TRANSFORMS = [A.RandomCropAudio(0.5), A.RandomGain(), A.TimeMask(), A.FreqMask(), A.AddNoise()]
+ALL_TRANSFORMS = [AT.RandomCropAudio(0.5), AT.RandomGain(), AT.TimeMask(), AT.FreqMask(), AT.AddNoise()]
 
 
 @pytest.mark.parametrize("transform", ALL_TRANSFORMS, ids=lambda t: type(t).__name__)
@@ -176,32 +177,32 @@ def test_transforms_are_reproducible_from_the_generator(transform):
 
 def test_crop_and_gain_do_what_they_say():
     x = _noise()
-    crop = A.RandomCropAudio(0.25)
+    crop = AT.RandomCropAudio(0.25)
     out = crop(x, torch.Generator().manual_seed(0))
     start = int((x == out[0]).nonzero()[0])
     assert len(out) == 4000 and torch.equal(out, x[start:start + 4000])
     short = x[:1000]
     assert torch.equal(crop(short, torch.Generator()), short)
-    gain = A.RandomGain(db=(-12, -12))(x, torch.Generator())
+    gain = AT.RandomGain(db=(-12, -12))(x, torch.Generator())
     assert torch.allclose(20 * torch.log10(gain.abs().max() / x.abs().max()), torch.tensor(-12.0), atol=1e-4)
     g = torch.Generator().manual_seed(5)
-    ratio = A.RandomGain(db=(-6, 6))(x, g) / x
+    ratio = AT.RandomGain(db=(-6, 6))(x, g) / x
     assert torch.allclose(ratio, ratio[0]) and 10 ** (-6 / 20) <= float(ratio[0]) <= 10 ** (6 / 20)
 
 
 def test_time_mask_zeroes_spans_and_nothing_else():
     x = _noise() + 1.0  # no zeros of its own
-    out = A.TimeMask(max_fraction=0.1, count=2)(x, torch.Generator().manual_seed(1))
+    out = AT.TimeMask(max_fraction=0.1, count=2)(x, torch.Generator().manual_seed(1))
     zero = out == 0
     assert 0 < int(zero.sum()) <= 2 * 1600 and torch.equal(out[~zero], x[~zero])
     runs = int((zero[1:] & ~zero[:-1]).sum()) + int(zero[0])
     assert 1 <= runs <= 2
-    assert torch.equal(A.TimeMask(count=0)(x, torch.Generator()), x)
+    assert torch.equal(AT.TimeMask(count=0)(x, torch.Generator()), x)
 
 
 def test_freq_mask_removes_one_band():
     x = _noise(seed=2)
-    mask = A.FreqMask(max_fraction=0.2, count=1)
+    mask = AT.FreqMask(max_fraction=0.2, count=1)
     (low, high), = mask.bands(torch.Generator().manual_seed(7)).tolist()
     out = mask(x, torch.Generator().manual_seed(7))
     freq = torch.arange(8001) * 1.0  # 1 Hz bins for a 1 s clip
@@ -214,7 +215,7 @@ def test_freq_mask_removes_one_band():
 
 def test_add_noise_reaches_the_snr():
     x = torch.sin(torch.arange(16000) * 0.1) * 0.3
-    out = A.AddNoise(snr_db=(20, 20))(x, torch.Generator().manual_seed(0))
+    out = AT.AddNoise(snr_db=(20, 20))(x, torch.Generator().manual_seed(0))
     snr = 10 * torch.log10(x.square().mean() / (out - x).square().mean())
     assert abs(float(snr) - 20.0) < 0.3
 
@@ -224,11 +225,11 @@ def test_registered_by_name_and_built_from_config_values():
     assert {"random_crop_audio", "random_gain", "time_mask", "freq_mask", "add_noise"} <= set(comps.transform.names())
     assert {"audio_manifest", "spoken_digits"} <= set(comps.dataset.names())
     noise = comps.transform.build("add_noise", snr_db=[10, 20])
-    assert isinstance(noise, A.AddNoise) and noise.snr_db == (10.0, 20.0)
+    assert isinstance(noise, AT.AddNoise) and noise.snr_db == (10.0, 20.0)
     with pytest.raises(ValueError, match="snr_db"):
-        A.AddNoise(snr_db=(30, 10))
+        AT.AddNoise(snr_db=(30, 10))
     with pytest.raises(ValueError, match="max_fraction"):
-        A.TimeMask(max_fraction=1.5)
+        AT.TimeMask(max_fraction=1.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_small_copy_loads_with_every_digit_in_both_splits(tmp_path, monkeypatch)
     sample = test[7]
     assert sample["audio"].dtype == torch.float32 and 4000 < len(sample["audio"]) <= 16000
     assert sample["text"].startswith("a spoken ") and sample["text"].endswith(DIGIT_WORDS[sample["label"]])
-    aug = AugmentedDataset(train, [A.RandomCropAudio(0.5), A.RandomGain(), A.TimeMask()], key="audio", seed=0, views=2)
+    aug = AugmentedDataset(train, [AT.RandomCropAudio(0.5), AT.RandomGain(), AT.TimeMask()], key="audio", seed=0, views=2)
     batch = collate([aug[i, 0] for i in range(4)])
     assert torch.equal(collate([aug[i, 0] for i in range(4)])["audio"], batch["audio"])
     assert batch["audio"].shape[1] <= 8000 and len(batch["speaker"]) == 4

@@ -4,7 +4,7 @@ real speech sample; waveform and spectrogram transforms; ``modality=audio`` is i
 from ...tokenizers.audio import SpectrogramFrameTokenizer, SpectrogramPatchTokenizer
 from .. import hookimpl
 from ..environment import package_status
-from . import data, real_speech
+from . import data, real_speech, transforms
 
 
 @hookimpl
@@ -20,8 +20,8 @@ def register_datasets():
 
 @hookimpl
 def register_transforms():
-    return {"random_crop_audio": data.RandomCropAudio, "random_gain": data.RandomGain, "time_mask": data.TimeMask,
-            "freq_mask": data.FreqMask, "add_noise": data.AddNoise}
+    return {"random_crop_audio": transforms.RandomCropAudio, "random_gain": transforms.RandomGain,
+            "time_mask": transforms.TimeMask, "freq_mask": transforms.FreqMask, "add_noise": transforms.AddNoise}
 
 
 @hookimpl
