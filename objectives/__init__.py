@@ -1,1 +1,1 @@
-"""Objectives: one module per family, each registered by name through the built-in plugin."""
+"""Objectives: one module per family, registered by name in `anymodal.plugins.components`."""
