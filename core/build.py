@@ -1,10 +1,26 @@
-"""Build components from a validated config: one place that turns names into modules."""
+"""Build components from a validated config: one place that turns names into modules.
+
+A node is ``{name: <registered>, <kwargs>}``. Nodes nested in another component's section are
+built here too, where that component's factory declares them in a ``components`` attribute: dotted
+key in its section -> registry kind (the contrastive objective's
+``{"text.tokenizer": "tokenizer", "other_tokenizer": "tokenizer"}``); the factory then gets the
+built module in the node's place. A nested node whose factory takes ``dim`` gets, unless it sets
+one, the ``dim`` of the mapping that holds it (``text.dim`` for ``text.tokenizer``), else the width
+its holder is built at (an objective's: the encoder width).
+
+Nested components are constructed before their holder, without drawing from the run's random
+stream; their initial weights are drawn where the holder calls `init_component` on them (so its
+own weights and theirs come in the holder's order, the same whatever is nested), or else right
+after the holder's factory returns.
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+import weakref
+from typing import Any, Callable, Mapping, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
@@ -14,11 +30,15 @@ from .checkpoint import load_checkpoint, load_model_state
 from .config import objective_nodes
 from .encoder import Encoder
 from .posenc import build_posenc
+from .registry import nested_components
 from .runfolder import RunFolder
 from .schema import model_shape as encoder_shape  # (width, depth, heads) after the size's defaults
 
 __all__ = ["encoder_shape", "build_backbone", "build_dataset", "build_transforms", "build_masker", "build_objectives",
-           "build_teacher", "stage_objectives"]
+           "build_teacher", "stage_objectives", "nested_components", "init_component"]
+
+# a nested component -> how to construct it again, until `init_component` draws its initial weights
+_UNINITIALIZED: "weakref.WeakKeyDictionary[nn.Module, Callable[[], nn.Module]]" = weakref.WeakKeyDictionary()
 
 
 def _plain(node: Any) -> dict:
@@ -28,6 +48,70 @@ def _plain(node: Any) -> dict:
 def _split_name(node: Any) -> tuple[str, dict]:
     kwargs = _plain(node)
     return kwargs.pop("name"), kwargs
+
+
+def init_component(module: Any) -> Any:
+    """Draw the initial weights of a nested component here, from the run's random stream, and return
+    it. The builder constructed it without drawing; constructing it again now gives the weights it
+    would have had if its holder had built it at this point. Anything else is returned as it is."""
+    construct = _UNINITIALIZED.pop(module, None) if isinstance(module, nn.Module) else None
+    if construct is not None:
+        module.load_state_dict(construct().state_dict())
+    return module
+
+
+def _build_node(node: Any, kind: str, key: str, width: int, components: Any) -> Any:
+    """Nested node ``key`` (``{name, **kwargs}``) built from the ``kind`` registry, its own nested nodes first."""
+    registry = components.registries.get(kind)
+    if registry is None:
+        raise TypeError(f"{key}: its holder declares a nested component of kind {kind!r}; kinds: "
+                        f"{', '.join(components.registries)}")
+    if not isinstance(node, Mapping) or "name" not in node:
+        raise ValueError(f"{key} must be a mapping with a 'name' naming a registered {kind}, got {node!r}")
+    kwargs = dict(node)
+    name = kwargs.pop("name")
+    factory = registry.entry(name).factory
+    if "dim" in inspect.signature(factory).parameters:
+        kwargs.setdefault("dim", width)
+    kwargs, nested = _build_nested(factory, kwargs, key, kwargs.get("dim", width), components)
+    module = registry.build(name, **kwargs)
+    for inner in nested:
+        init_component(inner)
+    return module
+
+
+def _holder(kwargs: dict, parents: list[str], width: int) -> tuple[Optional[dict], int]:
+    """The mapping at ``parents`` inside ``kwargs`` (copied on the way, so the caller's stays as it
+    was) and the width a node there is built at; (None, width) where the path has no mapping."""
+    holder = kwargs
+    for part in parents:
+        if not isinstance(holder.get(part), Mapping):
+            return None, width
+        holder[part] = dict(holder[part])
+        holder = holder[part]
+        width = holder.get("dim", width)
+    return holder, width
+
+
+def _build_nested(factory: Callable[..., Any], kwargs: dict, key: str, width: int, components: Any) -> tuple[dict, list]:
+    """``kwargs`` with the nested nodes ``factory`` declares built in their place, and the modules built."""
+    built = []
+    for path, kind in nested_components(factory).items():
+        *parents, leaf = path.split(".")
+        holder, at = _holder(kwargs, parents, width)
+        if holder is None or holder.get(leaf) is None:
+            continue
+
+        def construct(node: Any = holder[leaf], kind: str = kind, at: int = at, where: str = f"{key}.{path}") -> Any:
+            return _build_node(node, kind, where, at, components)
+
+        with torch.random.fork_rng(devices=[]):  # the run's stream is drawn from in init_component
+            module = construct()
+        if isinstance(module, nn.Module):
+            _UNINITIALIZED[module] = construct
+        holder[leaf] = module
+        built.append(module)
+    return kwargs, built
 
 
 def build_backbone(cfg: DictConfig, components: Any) -> Backbone:
@@ -83,7 +167,8 @@ def build_objectives(stage: Any, components: Any, backbone: Backbone,
                      teacher: Optional[nn.Module] = None) -> tuple[nn.ModuleDict, dict[str, float]]:
     """The stage's objectives (label -> module) and their loss weights.
 
-    Factories get ``dim`` and ``tokenizer`` (the student's), and ``teacher_dim`` when they take it.
+    Factories get ``dim`` and ``tokenizer`` (the student's), ``teacher_dim`` when they take it, and
+    the nested components they declare built (`nested_components`).
 
     Raises:
         ValueError: an objective needs a masker or a teacher that the stage does not give.
@@ -98,7 +183,11 @@ def build_objectives(stage: Any, components: Any, backbone: Backbone,
             raise ValueError(f"objective {label!r} ({name}) needs a teacher: set the stage's `teacher:` (ema, stage, timm)")
         if "teacher_dim" in inspect.signature(factory).parameters:
             node.setdefault("teacher_dim", getattr(teacher, "dim", None))
-        modules[label] = components.objective.build(name, dim=backbone.encoder.dim, tokenizer=backbone.tokenizer, **node)
+        dim = backbone.encoder.dim
+        node, nested = _build_nested(factory, node, f"objectives.{label}", dim, components)
+        modules[label] = components.objective.build(name, dim=dim, tokenizer=backbone.tokenizer, **node)
+        for module in nested:  # those the objective did not initialize itself
+            init_component(module)
         weights[label] = weight
     return modules, weights
 

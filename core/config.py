@@ -24,7 +24,9 @@ data.train.name=image_folder data.train.root=photos``): overrides apply in order
 factory signature, every value against the range or choices its schema field declares
 (`core.schema.checked`), the model's width against its heads, and builds the tokenizer and each
 masker node once (they are cheap; their constructors check their arguments), so a bad mask ratio
-is a config error naming ``modality.masker.ratio`` and its file. It reports every problem at once.
+is a config error naming ``modality.masker.ratio`` and its file. Component nodes nested in an
+objective's section (the contrastive objective's ``text.tokenizer``), where its factory declares
+them, are checked against their registries and signatures too. It reports every problem at once.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
-from .registry import ArgumentError, closest, signature_errors
+from .registry import ArgumentError, closest, nested_components, signature_errors
 from .schema import REPLACE, Config, Range, key_errors, model_errors, model_shape, optional_of, rule_errors
 
 __all__ = ["ConfigError", "ComposedConfig", "compose", "validate", "save_config", "load_run_config", "PACKAGE_CONFIGS", "SCRATCH"]
@@ -341,6 +343,29 @@ def _build_errors(node: Any, registry: Any, key: str, src: Callable[[str], str],
     return []
 
 
+def _nested_errors(factory: Callable[..., Any], node: Mapping, key: str, components: Any,
+                   src: Callable[[str], str]) -> list[str]:
+    """The component nodes nested in ``node`` that ``factory`` declares (`core.registry.nested_components`),
+    each checked against its registry and factory signature (``dim`` is given by the builder), and
+    theirs in turn. A declared key that the node does not set is left to the factory's default."""
+    errors = []
+    for path, kind in nested_components(factory).items():
+        inner: Any = node
+        for part in path.split("."):
+            inner = inner.get(part) if isinstance(inner, Mapping) else None
+        if inner is None:
+            continue
+        where = f"{key}.{path}"
+        registry = components.registries.get(kind)
+        if registry is None:
+            errors.append(f"{where} (from {src(where)}): the factory declares it a {kind!r}, which is no kind of "
+                          f"component; kinds: {', '.join(components.registries)}")
+            continue
+        found = _component_errors(inner, registry, where, src, ["dim"])
+        errors += found or _nested_errors(registry.entry(inner["name"]).factory, inner, where, components, src)
+    return errors
+
+
 def _weight_errors(stage: Mapping, prefix: str, src: Callable[[str], str]) -> list[str]:
     """Each objective's loss weight: a number >= 0 (0 switches the objective off)."""
     errors = []
@@ -417,7 +442,10 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         weight_errors = _weight_errors(resolved_stage, prefix, src)
         errors += weight_errors
         for label, node, _ in [] if weight_errors else objective_nodes(OmegaConf.create(resolved_stage)):
-            errors += _component_errors(node, components.objective, f"{prefix}.objectives.{label}", src, ["dim", "tokenizer"])
+            key = f"{prefix}.objectives.{label}"
+            errors += _component_errors(node, components.objective, key, src, ["dim", "tokenizer"])
+            if node["name"] in components.objective:
+                errors += _nested_errors(components.objective.entry(node["name"]).factory, node, key, components, src)
     if errors:
         raise ConfigError(errors)
 

@@ -9,7 +9,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["resolve_device", "autocast_for", "sdpa_kernels", "SDPA_KERNELS", "compile_blocks", "compile_for", "COMPILE_MODES"]
+__all__ = ["resolve_device", "autocast_for", "PRECISIONS", "sdpa_kernels", "SDPA_KERNELS", "compile_blocks", "compile_for", "COMPILE_MODES"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -22,13 +22,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # run.precision: auto is bf16 on GPUs that support it, else fp32
+
+
 def autocast_for(device: torch.device, precision: str) -> tuple[Any, Optional[torch.dtype]]:
     """(context manager factory, dtype) for ``run.precision``."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
-        raise ValueError(f"run.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        raise ValueError(f"run.precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {precision!r}")
     dtype = dtypes[precision]
     if dtype is None:
         return contextlib.nullcontext, None

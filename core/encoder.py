@@ -14,7 +14,9 @@ from .attention import Packed
 from .layers import Block
 from .tokens import Tokens
 
-__all__ = ["Encoder", "Encoded", "ENCODER_SIZES"]
+__all__ = ["Encoder", "Encoded", "ENCODER_SIZES", "POOLS"]
+
+POOLS = ("mean", "cls")  # the modes of Encoded.pool
 
 # width, depth, heads: timm's ViT names
 ENCODER_SIZES = {
@@ -48,7 +50,7 @@ class Encoded:
                 raise ValueError("pool='cls' needs an encoder with cls_token=true")
             return self.cls
         if mode != "mean":
-            raise ValueError(f"unknown pooling {mode!r}; choose mean or cls")
+            raise ValueError(f"unknown pooling {mode!r}; choose {' or '.join(POOLS)}")
         keep = self.tokens.valid().unsqueeze(-1).to(self.tokens.x.dtype)
         return (self.tokens.x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 

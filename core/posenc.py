@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SinCosPosEnc", "LearnedPosEnc", "MlpPosEnc", "build_posenc", "sincos_1d"]
+__all__ = ["SinCosPosEnc", "LearnedPosEnc", "MlpPosEnc", "build_posenc", "sincos_1d", "POSENCS"]
+
+POSENCS = ("sincos", "learned", "mlp")  # the kinds build_posenc makes
 
 
 def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -81,4 +83,4 @@ def build_posenc(kind: str, dim: int, num_axes: int, grid_size: Optional[Sequenc
         return LearnedPosEnc(dim, grid_size)
     if kind == "mlp":
         return MlpPosEnc(dim, num_axes)
-    raise ValueError(f"unknown positional encoding {kind!r}; choose sincos, learned or mlp")
+    raise ValueError(f"unknown positional encoding {kind!r}; choose {', '.join(POSENCS[:-1])} or {POSENCS[-1]}")

@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .errors import UserError
 
-__all__ = ["Registry", "RegistryEntry", "UnknownNameError", "DuplicateNameError", "ArgumentError", "closest"]
+__all__ = ["Registry", "RegistryEntry", "UnknownNameError", "DuplicateNameError", "ArgumentError", "closest",
+           "nested_components"]
 
 
 class UnknownNameError(KeyError):
@@ -41,6 +42,14 @@ class ArgumentError(UserError, ValueError):
 def closest(name: str, choices: list[str] | Mapping[str, Any], n: int = 3) -> list[str]:
     """The valid names nearest to ``name`` (by difflib's ratio), best first."""
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+
+
+def nested_components(factory: Callable[..., Any]) -> dict[str, str]:
+    """The component nodes nested in a component's config section that its ``factory`` declares in a
+    ``components`` attribute: dotted key in the section -> registry kind (``{"text.tokenizer":
+    "tokenizer"}``). `core.build` builds them from their registries and passes the modules in their
+    place; `core.config.validate` checks them."""
+    return dict(getattr(factory, "components", None) or {})
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ from omegaconf import BooleanNode, FloatNode, IntegerNode, StringNode
 from omegaconf.errors import ValidationError
 
 from .attention import ATTENTION_BACKENDS
-from .device import COMPILE_MODES, SDPA_KERNELS
-from .encoder import ENCODER_SIZES
+from .device import COMPILE_MODES, PRECISIONS, SDPA_KERNELS
+from .encoder import ENCODER_SIZES, POOLS
 from .parallel import PARALLEL_MODES
+from .posenc import POSENCS
 from .registry import closest
 
 __all__ = ["Config", "RunConfig", "ModelConfig", "ModalityConfig", "DataConfig", "OptimConfig",
@@ -35,9 +36,6 @@ __all__ = ["Config", "RunConfig", "ModelConfig", "ModalityConfig", "DataConfig",
            "checked", "field_rules", "model_shape", "optional_of", "key_errors", "rule_errors", "model_errors",
            "REPLACE", "PRECISIONS", "POSENCS", "POOLS"]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # core.device.autocast_for
-POSENCS = ("sincos", "learned", "mlp")  # core.posenc.build_posenc
-POOLS = ("mean", "cls")  # core.encoder.Encoded.pool
 REPLACE = "_replace_"  # in a mapping: replace the node of earlier layers instead of merging into it (core.config)
 _SCALARS = {int: (IntegerNode, "an integer"), float: (FloatNode, "a number"), bool: (BooleanNode, "true or false"),
             str: (StringNode, "a string")}

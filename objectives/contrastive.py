@@ -13,12 +13,13 @@ contrastive training on long videos affordable.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.build import init_component
 from ..core.distributed import all_gather_with_grad, rank
 from ..core.encoder import Encoded
 from ..core.masking import RandomMasker
@@ -98,18 +99,6 @@ class AttentivePool(nn.Module):
         return self.proj(out.reshape(b, d))
 
 
-def _build_tokenizer(node: Mapping[str, Any], dim: int) -> nn.Module:
-    """Build a registered tokenizer from a config node ``{"name": ..., **kwargs}`` at width ``dim``."""
-    # imported here: the plugin manager imports the built-in plugin, which imports the objectives
-    from ..plugins.manager import load_components
-
-    node = dict(node)
-    if "name" not in node:
-        raise ValueError(f"contrastive other_tokenizer needs a 'name' (a registered tokenizer), got keys {sorted(node)}")
-    name = node.pop("name")
-    return load_components().tokenizer.build(name, dim=dim, **node)
-
-
 class Contrastive(nn.Module):
     """CLIP-style contrastive objective between each sample and its partner.
 
@@ -139,26 +128,30 @@ class Contrastive(nn.Module):
         mask_ratio: fraction of each sample's real tokens the student does not see during training
             (0 = all); a stage masker, when there is one, chooses instead (``batch.mask.visible``).
         gather: use the other ranks' samples as negatives.
-        text: keyword arguments of the `TextEncoder` (``pair=text``).
+        text: keyword arguments of the `TextEncoder` (``pair=text``), its ``tokenizer`` a built text
+            tokenizer (in a config, a node such as ``tokenizer: {name: byte_text}``, built by
+            ``core.build`` at ``text.dim``).
         other_key: batch field of the second modality (``pair=modality``; default the other
             tokenizer's ``input_key``).
-        other_tokenizer: the second modality's tokenizer, built or as ``{"name": ..., **kwargs}``
+        other_tokenizer: the second modality's tokenizer, built (in a config, a node
+            ``{name: ..., **kwargs}``, built by ``core.build`` at the encoder's width)
             (``pair=modality``).
         other_posenc: the positional encoding of the second modality's tokens in the shared
             encoder (``sincos``, ``learned``, ``mlp``), built for that tokenizer's position axes,
             so the two modalities need not share a kind of position (2-D patches and 3-D points).
 
     Raises:
-        ValueError: an unknown pair or pooling, a temperature out of bounds, a bad mask ratio, or
-            arguments that belong to another pair.
+        ValueError: an unknown pair or pooling, a temperature out of bounds, a bad mask ratio, a
+            missing or unbuilt tokenizer, or arguments that belong to another pair.
     """
 
     needs_mask = False
+    components: ClassVar[Mapping[str, str]] = {"text.tokenizer": "tokenizer", "other_tokenizer": "tokenizer"}
 
     def __init__(self, dim: int, tokenizer: nn.Module, pair: str = "text", embed_dim: int = 128, pool: str = "mean",
                  temperature: float = 0.07, learn_temperature: bool = True, max_logit_scale: float = 100.0,
                  mask_ratio: float = 0.0, gather: bool = True, text: Optional[Mapping[str, Any]] = None,
-                 other_key: Optional[str] = None, other_tokenizer: nn.Module | Mapping[str, Any] | None = None,
+                 other_key: Optional[str] = None, other_tokenizer: Optional[nn.Module] = None,
                  other_posenc: str = "sincos") -> None:
         super().__init__()
         if pair not in PAIRS:
@@ -194,13 +187,18 @@ class Contrastive(nn.Module):
         self.partner_proj: Optional[nn.Linear] = None  # None: the partner uses the sample's head (views)
         if pair == "text":
             kwargs = dict(text or {})
+            if not isinstance(kwargs.get("tokenizer"), nn.Module):
+                raise ValueError("contrastive pair=text needs text.tokenizer, a built text tokenizer (in a config: "
+                                 f"`text: {{tokenizer: {{name: byte_text}}}}`, or clip_bpe), got {kwargs.get('tokenizer')!r}")
             check_kwargs(TextEncoder, kwargs, "contrastive text")
+            kwargs["tokenizer"] = init_component(kwargs["tokenizer"])
             self.text = TextEncoder(**kwargs)
             self.partner_proj = nn.Linear(self.text.dim, embed_dim)
         elif pair == "modality":
-            if other_tokenizer is None:
-                raise ValueError("contrastive pair=modality needs other_tokenizer")
-            built = other_tokenizer if isinstance(other_tokenizer, nn.Module) else _build_tokenizer(other_tokenizer, dim)
+            if not isinstance(other_tokenizer, nn.Module):
+                raise ValueError("contrastive pair=modality needs other_tokenizer, a built tokenizer (in a config: "
+                                 f"`other_tokenizer: {{name: <registered tokenizer>, ...}}`), got {other_tokenizer!r}")
+            built = init_component(other_tokenizer)
             self.other_tokenizer = built
             self.other_key = other_key if other_key is not None else built.input_key
             self.other_posenc = build_posenc(other_posenc, dim, built.pos_axes, getattr(built, "grid_size", None))
@@ -277,5 +275,5 @@ class Contrastive(nn.Module):
         with torch.no_grad():
             labels = torch.arange(a.shape[0], device=a.device) + offset
             acc = ((a @ b_all.T).argmax(1) == labels).float().mean()
-        infonce, temperature, acc = torch.stack([loss.detach(), 1.0 / scale.detach(), acc]).tolist()  # one sync
-        return ObjectiveOutput(loss, {"infonce": infonce, "temperature": temperature, "acc": acc})
+        # detached 0-d tensors: the trainer reads every metric of a step in its one host sync
+        return ObjectiveOutput(loss, {"infonce": loss.detach(), "temperature": 1.0 / scale.detach(), "acc": acc})

@@ -2,7 +2,9 @@
 
 It is built from the same core pieces as the student (tokens, sin-cos positions, pre-norm blocks),
 only smaller and with its own weights; it lives inside the objective, so it is trained with it and
-saved with the objective's state, but it is not part of the exported backbone.
+saved with the objective's state, but it is not part of the exported backbone. Its tokenizer is a
+registered one (``byte_text``, ``clip_bpe`` or a plugin's), built by ``core.build`` from the
+objective's ``text.tokenizer`` node and handed in built.
 """
 
 from __future__ import annotations
@@ -13,11 +15,8 @@ from torch import Tensor, nn
 
 from ..core.encoder import Encoder
 from ..core.posenc import build_posenc
-from ..tokenizers.text import ByteTextTokenizer, ClipBpeTokenizer
 
-__all__ = ["TextEncoder", "TEXT_TOKENIZERS"]
-
-TEXT_TOKENIZERS = ("byte", "clip_bpe")
+__all__ = ["TextEncoder"]
 
 
 class TextEncoder(nn.Module):
@@ -28,32 +27,28 @@ class TextEncoder(nn.Module):
     not depend on where truncation put the end token.
 
     Args:
-        dim: width.
+        tokenizer: a text tokenizer (``forward(list of strings) -> Tokens`` with 1-D positions and
+            ``dim`` / ``input_key`` attributes), for example ``byte_text`` (UTF-8 bytes, no files
+            needed) or ``clip_bpe`` (CLIP's BPE vocabulary); its ``max_len`` bounds the texts.
+        dim: width; default the tokenizer's, which it must equal.
         depth: transformer blocks.
         num_heads: attention heads.
-        max_len: most tokens per text, start and end tokens included.
-        tokenizer: ``byte`` (UTF-8 bytes, no files needed) or ``clip_bpe`` (CLIP's BPE vocabulary).
-        vocab_path: the CLIP vocabulary file for ``clip_bpe`` (default: found in an installed package).
         attn_backend: attention kernel (see ``core.attention``).
 
     Raises:
-        ValueError: an unknown tokenizer, or ``vocab_path`` with the byte tokenizer.
+        ValueError: ``dim`` differs from the tokenizer's width.
     """
 
-    def __init__(self, dim: int = 128, depth: int = 2, num_heads: int = 4, max_len: int = 32, tokenizer: str = "byte",
-                 vocab_path: Optional[str] = None, attn_backend: str = "sdpa") -> None:
+    def __init__(self, tokenizer: nn.Module, dim: Optional[int] = None, depth: int = 2, num_heads: int = 4,
+                 attn_backend: str = "sdpa") -> None:
         super().__init__()
-        if tokenizer == "byte":
-            if vocab_path is not None:
-                raise ValueError("text.vocab_path is only used by tokenizer=clip_bpe; remove it or set tokenizer: clip_bpe")
-            self.tokenizer = ByteTextTokenizer(dim, max_len)
-        elif tokenizer == "clip_bpe":
-            self.tokenizer = ClipBpeTokenizer(dim, max_len, vocab_path)
-        else:
-            raise ValueError(f"unknown text tokenizer {tokenizer!r}; choose one of {', '.join(TEXT_TOKENIZERS)}")
-        self.dim = dim
+        if dim is not None and dim != tokenizer.dim:
+            raise ValueError(f"text.dim is {dim} but its tokenizer makes tokens of width {tokenizer.dim}; "
+                             "leave the tokenizer's dim unset (it gets text.dim) or set the two alike")
+        self.tokenizer = tokenizer
+        self.dim = tokenizer.dim
         self.input_key = self.tokenizer.input_key
-        self.encoder = Encoder(dim, depth, num_heads, build_posenc("sincos", dim, 1), attn_backend=attn_backend,
+        self.encoder = Encoder(self.dim, depth, num_heads, build_posenc("sincos", self.dim, 1), attn_backend=attn_backend,
                                cls_token=False)
 
     def forward(self, texts: Sequence[str]) -> Tensor:

@@ -115,7 +115,7 @@ def test_clip_bpe_missing_vocab(monkeypatch, tmp_path):
 
 def test_text_encoder_shape_and_padding_invariance():
     torch.manual_seed(0)
-    enc = TextEncoder(dim=32, depth=2, num_heads=4, max_len=32).eval()
+    enc = TextEncoder(ByteTextTokenizer(32, max_len=32), depth=2, num_heads=4).eval()
     alone = enc(["a cat"])
     batched = enc(["a cat", "a considerably longer caption about a dog"])
     assert alone.shape == (1, 32) and batched.shape == (2, 32)
@@ -125,12 +125,26 @@ def test_text_encoder_shape_and_padding_invariance():
 
 def test_text_encoder_clip_bpe():
     _clip_vocab()
-    enc = TextEncoder(dim=16, depth=1, num_heads=2, tokenizer="clip_bpe")
+    enc = TextEncoder(ClipBpeTokenizer(16), depth=1, num_heads=2)
+    assert enc.dim == 16 and enc.input_key == "text"
     assert enc(["a photo of a cat"]).shape == (1, 16)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"tokenizer": "sentencepiece"}, "unknown text tokenizer"),
-                                           ({"vocab_path": "x.txt.gz"}, "only used by tokenizer=clip_bpe")])
-def test_text_encoder_rejects(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        TextEncoder(dim=16, **kwargs)
+def test_text_encoder_width_is_its_tokenizers():
+    assert TextEncoder(ByteTextTokenizer(24), dim=24, depth=1, num_heads=2).dim == 24
+    with pytest.raises(ValueError, match="text.dim is 16 but its tokenizer makes tokens of width 24"):
+        TextEncoder(ByteTextTokenizer(24), dim=16)
+
+
+def test_text_tower_imports_no_tokenizer():
+    # objectives get their tokenizers built by core.build from the registry (byte_text, clip_bpe, a plugin's)
+    import ast
+    import inspect
+
+    from anymodal.objectives import contrastive, text_tower
+
+    for module in (text_tower, contrastive):
+        tree = ast.parse(inspect.getsource(module))
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if "tokenizers" in m or "plugins" in m], (module.__name__, imported)
