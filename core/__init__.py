@@ -8,7 +8,7 @@ Read from the bottom up:
 - what an objective sees: `masking`, `objective` (Batch, ObjectiveOutput, the Protocols), `teachers`;
 - names to modules: `registry`, `schema`, `config` (compose, validate), `build`;
 - running: `data` (deterministic loaders), `device`, `schedule`, `distributed`, `parallel` (DDP,
-  FSDP2), `checkpoint`, `safe_shards`, `runfolder`, `resume`, `trainer`;
+  FSDP2), `checkpoint`, `safe_shards`, `runfolder`, `resume`, `stage` (a stage's set-up), `trainer` (its loop);
 - after training: `monitor`, `evaluate`, `pictures`, `export`, `timm_compat`.
 
 The command line, Slurm submission and doctor are the application layer, `anymodal.app`.

@@ -1,9 +1,14 @@
-"""What every objective receives and returns."""
+"""What every objective receives and returns, and the attributes the trainer and build read off it.
+
+`Objective` is the contract a registered objective keeps (``register_objectives`` in
+``anymodal.plugins.hookspecs`` points here); `TargetSwitch` is the tokenizer side of its
+``needs_targets``. Neither is a base class: a plugin's objective is any ``nn.Module`` of that shape.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, ClassVar, Iterable, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -11,7 +16,7 @@ from torch import Tensor
 from .masking import Mask
 from .tokens import Tokens
 
-__all__ = ["Batch", "ObjectiveOutput", "Objective"]
+__all__ = ["Batch", "ObjectiveOutput", "Objective", "TargetSwitch", "reads_targets"]
 
 
 @dataclass
@@ -35,12 +40,56 @@ class Batch:
 
 @dataclass
 class ObjectiveOutput:
-    """The loss to minimize and named metrics: floats or 0-d tensors (the trainer reads tensors
-    once per step, after the forward pass, so an objective need not synchronize the device)."""
+    """The loss to minimize and named metrics.
+
+    Attributes:
+        loss: a scalar tensor with gradients.
+        metrics: name -> detached 0-d tensor (or a plain float). Tensors are read once per step by
+            the trainer, after the forward pass, so an objective never synchronizes the device
+            (no ``.item()`` or ``float(...)`` in a forward) and ``run.compile=objectives`` can trace it.
+    """
 
     loss: Tensor
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Union[Tensor, float]] = field(default_factory=dict)
 
 
 class Objective(Protocol):
+    """What a stage's objectives are to the trainer and to ``core.build``.
+
+    Called as ``objective(batch, student, teacher)``: ``student`` is the `Backbone` being trained
+    (``tokenize``, ``encode(tokens, index=None, layers=0)``, ``pool``), ``teacher`` the stage's
+    teacher (``core.teachers.Teacher``) or None. It owns its heads (decoders, predictors,
+    projections): they are trained, checkpointed and sharded with the backbone.
+
+    Three class attributes are read, each False when absent:
+
+    Attributes:
+        needs_mask: build refuses a stage without a ``masker:``, so ``batch.mask`` is never None.
+        needs_teacher: build refuses a stage without a ``teacher:``, so ``teacher`` is never None.
+        needs_targets: it reads ``batch.tokens.targets`` (reconstruction targets in input space).
+            The trainer sets the tokenizer's `TargetSwitch` to whether any objective of the stage
+            does, so a stage without one does not pay for the targets.
+    """
+
+    needs_mask: ClassVar[bool]
+    needs_teacher: ClassVar[bool]
+    needs_targets: ClassVar[bool]
+
     def __call__(self, batch: Batch, student: Any, teacher: Any = None) -> ObjectiveOutput: ...
+
+
+@runtime_checkable
+class TargetSwitch(Protocol):
+    """A tokenizer whose reconstruction targets can be turned off (``Tokens.targets`` is then None).
+
+    Attributes:
+        make_targets: True to fill ``Tokens.targets``; the trainer sets it per stage from the
+            objectives' ``needs_targets`` (`reads_targets`).
+    """
+
+    make_targets: bool
+
+
+def reads_targets(objectives: Iterable[Objective]) -> bool:
+    """Whether any of ``objectives`` reads the tokenizer's reconstruction targets."""
+    return any(getattr(objective, "needs_targets", False) for objective in objectives)

@@ -1,10 +1,11 @@
 """Teachers: models that objectives distil from or predict. Registered by name (``ema``, ``stage``,
 ``timm`` and plugins'); all run under ``no_grad`` in eval mode, in the step's autocast dtype.
 
-A teacher is called as ``teacher(batch, layers=k)`` and returns an `Encoded` over the *student's*
-full token set (same order, positions and padding), so objectives index teacher and student
-features with the same mask indices. Objectives call `teacher_encode`, which runs each teacher
-once per batch however many objectives ask.
+A teacher (`Teacher`) is called as ``teacher(batch, layers=k)`` and returns an `Encoded` over the
+*student's* full token set (same order, positions and padding), so objectives index teacher and
+student features with the same mask indices. Objectives call `teacher_encode`, which runs each
+teacher once per batch however many objectives ask. A teacher that learns during the stage (an
+EMA) is also a `MovingTeacher`: the trainer updates it after each optimizer step and checkpoints it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import copy
 from dataclasses import replace
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -24,9 +25,44 @@ from .encoder import Encoded
 from .objective import Batch
 from .tokens import Tokens
 
-__all__ = ["teacher_encode", "BackboneTeacher", "EmaTeacher", "StageTeacher", "TimmTeacher"]
+__all__ = ["Teacher", "MovingTeacher", "teacher_encode", "BackboneTeacher", "EmaTeacher", "StageTeacher", "TimmTeacher"]
 
 log = logging.getLogger("anymodal.teachers")
+
+
+class Teacher(Protocol):
+    """What a stage's teacher is to objectives and the trainer (``register_teachers`` builds one).
+
+    An ``nn.Module``, moved to the training device and called under ``no_grad`` through
+    `teacher_encode`; it keeps itself in eval mode. Frozen teachers are rebuilt from the config on
+    resume, so their state is never checkpointed.
+
+    Attributes:
+        dim: the width of its features; objectives with a ``teacher_dim`` parameter get it (None
+            when a teacher lacks it: the objective then assumes the student's width).
+    """
+
+    dim: int
+
+    def __call__(self, batch: Batch, layers: int = 0) -> Encoded:
+        """Encode ``batch.raw`` over the student's full token set (``batch.tokens``' order and padding).
+
+        Args:
+            batch: the step's batch.
+            layers: also return the last ``layers`` block outputs in ``Encoded.layers`` (oldest first).
+        """
+        ...
+
+
+@runtime_checkable
+class MovingTeacher(Protocol):
+    """A `Teacher` that changes during its stage (an EMA of the student): the trainer calls `update`
+    after every optimizer step, saves its state in each checkpoint and restores it on resume, and
+    under FSDP shards it like the student."""
+
+    def update(self, student: Backbone, step: int, total: int) -> None:
+        """Move towards ``student`` after optimizer step ``step`` (1-based) of the stage's ``total``."""
+        ...
 
 
 def teacher_encode(batch: Batch, teacher: Optional[nn.Module], layers: int = 0) -> Encoded:

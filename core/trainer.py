@@ -1,6 +1,8 @@
 """One trainer for every recipe: stages run in order, each with its objectives, masker and schedule.
 
-Per step: tokenize -> mask -> objectives (summed with weights) -> backward -> clip -> AdamW.
+`Trainer.run` walks the recipe; for each stage `core.stage.StageSetup` builds a `StageRun` (the
+model parts, optimizer, loader and resume point) and `Trainer._loop` consumes it, one `_step` per
+batch. Per step: tokenize -> mask -> objectives (summed with weights) -> backward -> clip -> AdamW.
 bf16/fp16 autocast where the device supports it, a NaN/Inf guard, metrics to JSONL (and
 TensorBoard when installed), atomic checkpoints, and exact resume: the data order and
 augmentations are functions of the step (`core.data`), masks draw from a generator seeded by the
@@ -8,8 +10,9 @@ step, and the global RNG state is saved with the weights.
 
 Under torch.distributed (torchrun, or `anymodal submit` on Slurm) the step's forward runs inside
 DistributedDataParallel, each rank takes its share of every global batch, metrics and the
-preemption flag are averaged/ORed across ranks in one collective per step, and only rank 0 writes
-the metrics, checkpoints and export.
+preemption flag are averaged/ORed across ranks in one collective per step (the step's one host
+sync; the gradient norm stays on the device until a logged step), and only rank 0 writes the
+metrics, checkpoints and export.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from omegaconf import DictConfig
@@ -29,21 +32,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .backbone import Backbone
-from .build import build_backbone, build_dataset, build_masker, build_objectives, build_teacher, build_transforms
-from .checkpoint import (CheckpointError, checkpoint_part, load_checkpoint, load_model_state, rng_state, save_atomic, set_rng_state,
-                         shard_folder)
-from .config import SCRATCH, ConfigError, objective_nodes, save_config
-from .device import autocast_for, compile_for, resolve_device, sdpa_kernels
-from .data import AugmentedDataset, collate, make_loader, mix_seed
-from .errors import DataError, UserError
+from .build import build_backbone
+from .checkpoint import CheckpointError, checkpoint_part, load_checkpoint, load_model_state, rng_state, save_atomic, shard_folder
+from .config import save_config
+from .data import mix_seed
+from .device import autocast_for, resolve_device, sdpa_kernels
 from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
-from .monitor import OnlineMonitor
-from .parallel import full_optimizer_state, grad_norm_value, load_optimizer_state, load_shards, parallelize, save_shards
-from .objective import Batch
+from .parallel import full_optimizer_state, save_shards
 from .runfolder import RunFolder
-from .schedule import build_optimizer, lr_at
+from .schedule import lr_at
+from .stage import StageRun, StageSetup, StepForward, to_device
 
-__all__ = ["Trainer", "NonFiniteLossError", "Preempted", "stage_steps"]
+__all__ = ["Trainer", "NonFiniteLossError", "Preempted"]
 
 log = logging.getLogger("anymodal.train")
 
@@ -63,17 +63,6 @@ class Preempted(SystemExit):
     def __init__(self, signum: int, checkpoint: Optional[Path]) -> None:
         super().__init__(128 + signum)
         self.signum, self.checkpoint = signum, checkpoint
-
-
-def stage_steps(stage: Any, num_samples: int, batch_size: int) -> int:
-    """The stage's length in optimizer steps: ``steps``, or ``epochs`` over the dataset when given."""
-    if stage.epochs is None:
-        return int(stage.steps)
-    return max(1, math.ceil(stage.epochs * num_samples / batch_size))
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class _Signals:
@@ -107,53 +96,29 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-@contextlib.contextmanager
-def _bad_value(key: str) -> Any:
-    """A component factory's ValueError (an argument it rejects) as a config error naming ``key``; the
-    config check cannot build these components (stage teachers need the earlier stage's weights)."""
-    try:
-        yield
-    except UserError:
-        raise
-    except ValueError as e:
-        raise ConfigError([f"{key}: {e}"]) from e
+class _Throughput:
+    """Samples per second since the last logged step."""
+
+    def __init__(self, step: int, batch_size: int) -> None:
+        self.time, self.step, self.batch_size = time.perf_counter(), step, batch_size
+
+    def __call__(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) * self.batch_size / max(now - self.time, 1e-9)
+        self.time, self.step = now, step
+        return rate
 
 
-@contextlib.contextmanager
-def _restored(modules: list[nn.Module], buffers: list[dict[str, Tensor]]) -> Any:
-    """Put each module's buffers back to ``buffers`` on the way out."""
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for module, saved in zip(modules, buffers):
-                for key, value in module.named_buffers():
-                    value.copy_(saved[key])
-
-
-class StepForward(nn.Module):
-    """A step's forward pass as one module: tokenize -> mask -> objectives, summed with weights.
-
-    One module so that DistributedDataParallel can wrap it: DDP synchronizes the gradients of the
-    parameters used inside its ``forward``, and the objectives reach the backbone from in here.
-    """
-
-    def __init__(self, backbone: Backbone, objectives: nn.ModuleDict, weights: dict[str, float]) -> None:
-        super().__init__()
-        self.backbone, self.objectives, self.weights = backbone, objectives, weights
-
-    def forward(self, raw: dict[str, Any], masker: Any, generator: torch.Generator,
-                teacher: Optional[nn.Module]) -> tuple[Tensor, dict[str, Any]]:
-        tokens = self.backbone.tokenize(raw)
-        mask = masker(tokens, generator) if masker is not None else None
-        batch = Batch(raw, tokens, mask, generator)
-        loss = torch.zeros((), device=tokens.x.device)
-        metrics: dict[str, Any] = {}
-        for label, objective in self.objectives.items():
-            out = objective(batch, self.backbone, teacher)
-            loss = loss + self.weights[label] * out.loss.float()
-            metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
-        return loss, metrics
+def _floats(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics as Python numbers, in their order: the tensors among them (one element each) are
+    stacked as float32 and read in one device-to-host copy; plain numbers (an outside objective's
+    floats, the monitor's) pass as they are."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
+    if not tensors:
+        return dict(metrics)
+    device = next(iter(tensors.values())).device
+    read = dict(zip(tensors, torch.stack([v.detach().to(device, torch.float32).reshape(()) for v in tensors.values()]).tolist()))
+    return {k: read.get(k, v) for k, v in metrics.items()}
 
 
 class Trainer:
@@ -186,7 +151,7 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
         self.backbone: Backbone = build_backbone(cfg, components).to(self.device)
-        self.key = self.backbone.tokenizer.input_key
+        self.setup = StageSetup(cfg, components, self.folder, self.device, self.autocast, self.amp_dtype, self.rank, self.world)
         self._writer = None
 
     # ---- the recipe -------------------------------------------------------------------------
@@ -248,182 +213,118 @@ class Trainer:
         self.signals.hand_over(signum)
         raise Preempted(signum, last)
 
-    def _initial_weights(self) -> dict[str, Any]:
-        """The backbone's weights at the start of the run (same seed, same construction)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.run.seed)
-            return build_backbone(self.cfg, self.components).to(self.device).state_dict()
-
     # ---- one stage --------------------------------------------------------------------------
     def _train_stage(self, index: int, name: str, stage: Any, state: Optional[dict[str, Any]]) -> None:
-        cfg = self.cfg
-        if stage.init_from == SCRATCH and state is None:
-            self.backbone.load_state_dict(self._initial_weights())
-        elif stage.init_from and state is None:
-            path = self.folder.final(stage.init_from)
-            load_model_state(self.backbone, checkpoint_part(load_checkpoint(path), "backbone", path),
-                             f"stage {name} init_from {path}")
-        prefix = f"recipe.stages.{name}"
-        with _bad_value(f"{prefix}.teacher"):
-            teacher = build_teacher(stage, self.components, self.backbone, self.folder)
-        if teacher is not None:
-            teacher.to(self.device)
-        with _bad_value(f"{prefix}.objectives"):
-            objectives, weights = build_objectives(stage, self.components, self.backbone, teacher)
-        objectives.to(self.device)
-        if hasattr(self.backbone.tokenizer, "make_targets"):  # skip reconstruction targets no objective reads
-            self.backbone.tokenizer.make_targets = any(getattr(o, "needs_targets", False) for o in objectives.values())
-        masker = build_masker(stage, self.components)
-        batch_size = stage.batch_size or cfg.data.batch_size
-        with _bad_value("data.train / data.transforms"):
-            dataset = AugmentedDataset(build_dataset(cfg, "train", self.components),
-                                       build_transforms(cfg, self.components), self.key, mix_seed(cfg.run.seed, index),
-                                       views=cfg.data.views)
-        total = stage_steps(stage, len(dataset), batch_size)
-        monitor = OnlineMonitor(cfg, self.components, self.device) if cfg.eval.monitor_every and self.main else None
-        model = StepForward(self.backbone, objectives, weights)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        step = 0
-        shards = shard_folder(self.folder.last, state) if state is not None else None
-        if state is not None and shards is None:  # whole weights go in before sharding; optimizer state after
-            load_model_state(objectives, state["objectives"], f"checkpoint {self.folder.last} (objectives of stage {name})")
-            if "teacher" in state:
-                load_model_state(teacher, state["teacher"], f"checkpoint {self.folder.last} (teacher of stage {name})")
-        if state is not None:
-            scaler.load_state_dict(state["scaler"])
-            step = int(state["step"])
-        if step >= total:  # the checkpoint is this stage's end
-            self._stage_ended(name, state, shards)
+        run = self.setup.build(self.backbone, index, name, stage, state)
+        if run is None:  # the checkpoint ends this stage; the backbone holds its final weights
             return
-        self._dry_run(name, stage, model, masker, teacher, dataset)
-        compile_for(cfg.run.compile, model, objectives, teacher, cfg.run.cuda_graphs)
-        forward = parallelize(cfg.run.parallel, self.world, model, teacher)
-        optimizer = build_optimizer(model, stage.optim, self.device)  # after sharding: FSDP swaps the parameters
-        if shards is not None:
-            load_shards(shards, model, optimizer, teacher)
-        elif state is not None:
-            load_optimizer_state(model, optimizer, state["optimizer"])
-        if state is not None:
-            set_rng_state(state["rng"])
-        loader = make_loader(dataset, batch_size, mix_seed(cfg.run.seed, index), start_step=step,
-                             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                             rank=self.rank, world=self.world)
-        skipped = len(getattr(dataset.dataset, "skipped", ()))  # corrupt files the dataset's scan left out
-        model.train()
-        if self.world == 1 and self.signals.received:  # arrived between stages: the checkpoint is consistent
-            self._preempt(name, step)
-        bar = tqdm(total=total, initial=step, desc=name, disable=not (cfg.run.progress and self.main), dynamic_ncols=True)
-        last_time, last_step = time.perf_counter(), step
-        for raw in loader:
-            lr = lr_at(step, total, stage.optim.lr, stage.optim.warmup_steps, stage.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            metrics, stop = self._step(index, name, step, raw, forward, masker, optimizer, scaler, stage, teacher,
-                                       self.signals.received)
-            step += 1
-            if hasattr(teacher, "update"):
-                teacher.update(self.backbone, step, total)
-            bar.update(1)
-            if monitor is not None and step % cfg.eval.monitor_every == 0:
-                watched = monitor(self.backbone)
-                metrics.update(watched)
-                bar.set_description(f"{name} knn={watched['monitor/knn']:.2f} rank={watched['monitor/rankme']:.1f}")
-            if self.main and (step % cfg.run.log_every == 0 or step == total):
-                now = time.perf_counter()
-                rate = (step - last_step) * batch_size / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                extra = {"data/skipped": skipped} if skipped else {}
-                self._log({"stage": name, "step": step, "lr": lr, "samples_per_s": rate, **metrics, **extra})
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
-            if step == total:
-                weights = self._gather_weights(model)  # under FSDP: on every rank, once
-                if self.main:  # the stage's final weights go first, then the checkpoint that says the stage ended
-                    save_atomic({"stage": name, **weights}, self.folder.final(name))
-            if step == total or step % cfg.run.checkpoint_every == 0 or stop:
-                self._save(name, step, model, optimizer, scaler, teacher)
-            if stop:
-                bar.close()
-                self._preempt(name, step)
-            if step >= total:
-                break
-        bar.close()
+        final = self._loop(run)
         if self._sharded:  # the next stage starts from whole weights again
-            self.backbone = build_backbone(cfg, self.components).to(self.device)
-            load_model_state(self.backbone, weights["backbone"], f"stage {name} (gathered)")
+            self.backbone = build_backbone(self.cfg, self.components).to(self.device)
+            load_model_state(self.backbone, final["backbone"], f"stage {name} (gathered)")
         barrier()  # the next stage's init_from and stage teacher read the final file on every rank
         if self.world == 1 and self.signals.received:
-            self._preempt(name, step)
+            self._preempt(name, run.step)
 
-    def _stage_ended(self, name: str, state: dict[str, Any], shards: Optional[Path]) -> None:
-        """Resuming from a checkpoint written at the stage's last step: the stage's final weights are
-        the backbone to carry on with (written from the checkpoint if a kill came between the two
-        files), and the RNG is restored as it was at that step, so the next stage starts as it would have."""
-        final = self.folder.final(name)
-        if not final.is_file():
-            if shards is not None:
-                raise CheckpointError(f"{self.folder.last} ends stage {name!r} but {final} is missing, and a sharded "
-                                      f"checkpoint cannot rebuild it outside FSDP; resume an earlier checkpoint")
-            if self.main:
-                save_atomic({"stage": name, "backbone": state["backbone"], "objectives": state["objectives"]}, final)
-            barrier()
-        if shards is not None:
-            load_model_state(self.backbone, checkpoint_part(load_checkpoint(final), "backbone", final), f"stage {name} final {final}")
-        set_rng_state(state["rng"])
+    def _loop(self, run: StageRun) -> dict[str, Any]:
+        """Train ``run`` to its last step (or to a signal); returns the stage's final weights, whole."""
+        cfg = self.cfg
+        run.model.train()
+        if self.world == 1 and self.signals.received:  # arrived between stages: the checkpoint is consistent
+            self._preempt(run.name, run.step)
+        bar = tqdm(total=run.total, initial=run.step, desc=run.name, disable=not (cfg.run.progress and self.main),
+                   dynamic_ncols=True)
+        rate = _Throughput(run.step, run.batch_size)
+        final: dict[str, Any] = {}
+        for raw in run.loader:
+            lr = self._set_lr(run)
+            metrics, stop = self._step(run, raw)
+            run.step += 1
+            if run.moving is not None:
+                run.moving.update(self.backbone, run.step, run.total)
+            bar.update(1)
+            self._watch(run, metrics, bar)
+            if self.main and (run.step % cfg.run.log_every == 0 or run.step == run.total):
+                self._log_step(run, lr, metrics, rate, bar)
+            if run.step == run.total:
+                final = self._save_final(run)
+            if run.step == run.total or run.step % cfg.run.checkpoint_every == 0 or stop:
+                self._save(run)
+            if stop:
+                bar.close()
+                self._preempt(run.name, run.step)
+            if run.step >= run.total:
+                break
+        bar.close()
+        return final
 
-    def _dry_run(self, name: str, stage: Any, model: "StepForward", masker: Any, teacher: Optional[nn.Module], dataset: Any) -> None:
-        """One small batch through tokenizer, masker and every objective before the first step, so a field the
-        batch lacks is a clear error now, not a KeyError hours in. Leaves no trace: no gradients, RNG restored."""
-        samples = [dataset[(i, 0)] for i in range(min(2, len(dataset)))]
-        raw = _to_device(collate(samples), self.device)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        modules = [m for m in (model, teacher) if m is not None]
-        buffers = [{k: b.clone() for k, b in m.named_buffers()} for m in modules]  # forwards may count calls
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast(), _restored(modules, buffers):
-            try:
-                model(raw, masker, torch.Generator().manual_seed(0), teacher)
-            except KeyError as e:
-                raise DataError(f"stage {name!r}: a tokenizer or objective needs batch field {e.args[0]!r}, which the "
-                                f"dataset's samples do not have (they have: {', '.join(sorted(samples[0]))})") from e
-            except Exception as e:  # a plugin's component that fails is named with its file:line; ours are bugs
-                used = [("tokenizer", self.cfg.modality.tokenizer.name), *(("objective", node["name"])
-                        for _, node, _ in objective_nodes(stage))]
-                if stage.masker:
-                    used.append(("masker", stage.masker.name))
-                failure = self.components.blame(used, e)
-                if failure is None:
-                    raise
-                raise failure from e
+    def _set_lr(self, run: StageRun) -> float:
+        """The schedule's learning rate for the coming step, set on every parameter group."""
+        optim = run.stage.optim
+        lr = lr_at(run.step, run.total, optim.lr, optim.warmup_steps, optim.min_lr)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
-    def _step(self, index: int, name: str, step: int, raw: dict[str, Any], forward: nn.Module, masker: Any,
-              optimizer: torch.optim.Optimizer, scaler: Any, stage: Any, teacher: Optional[nn.Module],
-              signal_received: Optional[int]) -> tuple[dict[str, float], bool]:
-        """One optimizer step; returns the metrics (averaged over ranks) and whether to stop for a signal."""
-        raw = _to_device(raw, self.device)
+    def _step(self, run: StageRun, raw: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """One optimizer step. Returns the step's metrics (the loss and the objectives' averaged over
+        ranks, as floats; ``grad_norm`` as it came, read when the step is logged) and whether to stop
+        for a signal."""
+        loss, metrics = self._forward(run, to_device(raw, self.device))
+        # the one host sync of a step: loss and metrics averaged over ranks, the signal flag ORed
+        values, stop = mean_over_ranks([loss.detach(), *metrics.values()], flag=self.signals.received)
+        value, metrics = values[0], dict(zip(metrics, values[1:]))
+        if not math.isfinite(value):
+            self._non_finite(run, value, metrics)
+        grad_norm = self._update(run, loss)
+        return {"loss": value, "grad_norm": grad_norm, **metrics}, stop > 0
+
+    def _forward(self, run: StageRun, raw: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """The step's loss and metrics, under autocast, with the masks of this step (and rank)."""
         # each rank masks its own share of the batch: the mask stream depends on the rank too
-        seed_parts = (self.cfg.run.seed, index, step, 1) + ((self.rank,) if self.world > 1 else ())
+        seed_parts = (self.cfg.run.seed, run.index, run.step, 1) + ((self.rank,) if self.world > 1 else ())
         generator = torch.Generator().manual_seed(mix_seed(*seed_parts))
         if self.cfg.run.cuda_graphs:  # a new step: graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with self.autocast(), sdpa_kernels(self.cfg.run.sdpa_kernel):
-            loss, metrics = forward(raw, masker, generator, teacher)
-        # objectives may report tensors: one sync here, which also averages over ranks
-        values, stop = mean_over_ranks([loss.detach(), *metrics.values()], flag=signal_received)
-        value, metrics = values[0], dict(zip(metrics, values[1:]))
-        if not math.isfinite(value):
-            last = self.folder.last if self.folder.last.is_file() else None
-            raise NonFiniteLossError(
-                f"loss is {value} at stage {name!r} step {step + 1} ({', '.join(f'{k}={v}' for k, v in metrics.items())}); "
-                f"the update was not applied. Last good checkpoint: {last or 'none written yet'}"
-                + (" (continue with --resume after fixing the cause)" if last else ""))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        grad_norm = float("nan")
-        if stage.optim.clip_grad:
-            scaler.unscale_(optimizer)
-            grad_norm = grad_norm_value(nn.utils.clip_grad_norm_(forward.parameters(), stage.optim.clip_grad))
-        scaler.step(optimizer)
-        scaler.update()
-        return {"loss": value, "grad_norm": grad_norm, **metrics}, stop > 0
+            return run.forward(raw, run.masker, generator, run.teacher)
+
+    def _non_finite(self, run: StageRun, value: float, metrics: dict[str, float]) -> None:
+        """Raises NonFiniteLossError for the coming step, naming the last good checkpoint."""
+        last = self.folder.last if self.folder.last.is_file() else None
+        raise NonFiniteLossError(
+            f"loss is {value} at stage {run.name!r} step {run.step + 1} ({', '.join(f'{k}={v}' for k, v in metrics.items())}); "
+            f"the update was not applied. Last good checkpoint: {last or 'none written yet'}"
+            + (" (continue with --resume after fixing the cause)" if last else ""))
+
+    def _update(self, run: StageRun, loss: Tensor) -> Union[Tensor, float]:
+        """Backward, clip (``optim.clip_grad``) and step; the gradient norm before clipping (NaN unclipped)."""
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        grad_norm: Union[Tensor, float] = float("nan")
+        if run.stage.optim.clip_grad:
+            run.scaler.unscale_(run.optimizer)
+            norm = nn.utils.clip_grad_norm_(run.forward.parameters(), run.stage.optim.clip_grad)
+            grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, gathered on every rank
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        return grad_norm
+
+    def _watch(self, run: StageRun, metrics: dict[str, Any], bar: tqdm) -> None:
+        """Every ``eval.monitor_every`` steps, the online monitor's ``monitor/*`` metrics join the step's."""
+        if run.monitor is None or run.step % self.cfg.eval.monitor_every:
+            return
+        watched = run.monitor(self.backbone)
+        metrics.update(watched)
+        bar.set_description(f"{run.name} knn={watched['monitor/knn']:.2f} rank={watched['monitor/rankme']:.1f}")
+
+    def _log_step(self, run: StageRun, lr: float, metrics: dict[str, Any], rate: _Throughput, bar: tqdm) -> None:
+        """One metrics.jsonl record (and TensorBoard scalars), the progress bar's figures."""
+        samples_per_s = rate(run.step)
+        values = _floats(metrics)
+        extra = {"data/skipped": run.skipped} if run.skipped else {}
+        self._log({"stage": run.name, "step": run.step, "lr": lr, "samples_per_s": samples_per_s, **values, **extra})
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", rate=f"{samples_per_s:.0f}/s")
 
     @property
     def _sharded(self) -> bool:
@@ -442,36 +343,43 @@ class Trainer:
             parts[part][rest] = value
         return parts
 
-    def _save(self, name: str, step: int, model: StepForward, optimizer: torch.optim.Optimizer, scaler: Any,
-              teacher: Optional[nn.Module]) -> None:
+    def _save_final(self, run: StageRun) -> dict[str, Any]:
+        """The stage's final weights, gathered (under FSDP: on every rank, once) and written by rank 0
+        before the checkpoint that says the stage ended."""
+        weights = self._gather_weights(run.model)
+        if self.main:
+            save_atomic({"stage": run.name, **weights}, self.folder.final(run.name))
+        return weights
+
+    def _save(self, run: StageRun) -> None:
+        """``last.pt``: the weights, optimizer, scaler, RNG and step to resume ``run`` exactly."""
         if self._sharded:
-            self._save_shards(name, step, model, optimizer, scaler, teacher)
+            self._save_shards(run)
             return
         if not self.main:
             return
-        weights = self._gather_weights(model)
-        optim_state = full_optimizer_state(model, optimizer)
-        extra = {"teacher": teacher.state_dict()} if hasattr(teacher, "update") else {}  # only a moving teacher has state
+        weights = self._gather_weights(run.model)
+        optim_state = full_optimizer_state(run.model, run.optimizer)
+        extra = {"teacher": run.moving.state_dict()} if run.moving is not None else {}  # only a moving teacher has state
         save_atomic({
             **extra,
             **weights,
-            "stage": name,
-            "step": step,
+            "stage": run.name,
+            "step": run.step,
             "optimizer": optim_state,
-            "scaler": scaler.state_dict(),
+            "scaler": run.scaler.state_dict(),
             "rng": rng_state(),
         }, self.folder.last)
 
-    def _save_shards(self, name: str, step: int, model: StepForward, optimizer: torch.optim.Optimizer, scaler: Any,
-                     teacher: Optional[nn.Module]) -> None:
+    def _save_shards(self, run: StageRun) -> None:
         """FSDP: each rank writes its shards to a new folder; then rank 0 points ``last.pt`` at it
         (atomically) and removes the older folders, so a kill at any moment leaves a complete one."""
-        shards = self.folder.checkpoints / f"shards-{name}-{step:08d}"
-        save_shards(shards, model, optimizer, teacher)
+        shards = self.folder.checkpoints / f"shards-{run.name}-{run.step:08d}"
+        save_shards(shards, run.model, run.optimizer, run.teacher)
         if not self.main:
             return
-        save_atomic({"stage": name, "step": step, "shards": shards.name, "scaler": scaler.state_dict(), "rng": rng_state()},
-                    self.folder.last)
+        save_atomic({"stage": run.name, "step": run.step, "shards": shards.name, "scaler": run.scaler.state_dict(),
+                     "rng": rng_state()}, self.folder.last)
         self.folder.drop_shards_except(shards.name)
 
     def _log(self, record: dict[str, Any]) -> None:

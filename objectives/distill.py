@@ -203,9 +203,9 @@ class UnmaskedTokenDistill(nn.Module):
         preds, targets = self.features(batch, student, teacher)
         per_layer = [normalized_mse(p, t) for p, t in zip(preds, targets)]
         loss = torch.stack(per_layer).mean()
-        metrics = {"loss": loss.detach().item()}
+        metrics = {"loss": loss.detach()}
         if self.layers > 1:
-            metrics.update({f"layer{i}": v.detach().item() for i, v in enumerate(per_layer)})
+            metrics.update({f"layer{i}": v.detach() for i, v in enumerate(per_layer)})
         return ObjectiveOutput(loss, metrics)
 
 
@@ -348,5 +348,4 @@ class MaskedDistill(nn.Module):
         global_loss = normalized_mse(global_pred, global_target)
         token_loss = _regression_loss(self.loss_kind, token_pred, token_target)
         loss = self.global_weight * global_loss + self.token_weight * token_loss
-        return ObjectiveOutput(loss, {"loss": loss.detach().item(), "global": global_loss.detach().item(),
-                                      "token": token_loss.detach().item()})
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "global": global_loss.detach(), "token": token_loss.detach()})

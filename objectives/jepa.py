@@ -141,12 +141,12 @@ class Jepa(nn.Module):
             loss = F.l1_loss(pred, target)
         # collapse signal: each feature's std over the batch's predicted tokens, averaged over features
         pred_std = pred.detach().reshape(-1, pred.shape[-1]).std(0).mean()
-        metrics = {"pred_std": pred_std.item()}
+        metrics = {"pred_std": pred_std}
         if self.var_weight:
             hinge = variance_hinge(encoded.pool("mean").float())
             loss = loss + self.var_weight * hinge
-            metrics["var_hinge"] = hinge.detach().item()
-        return ObjectiveOutput(loss, {"loss": loss.detach().item(), **metrics})
+            metrics["var_hinge"] = hinge.detach()
+        return ObjectiveOutput(loss, {"loss": loss.detach(), **metrics})
 
 
 def variance_hinge(x: Tensor, eps: float = 1e-4) -> Tensor:

@@ -143,11 +143,13 @@ def register_objectives() -> Factories:
 
     A factory receives its config section plus ``dim`` (encoder width) and ``tokenizer`` (the
     student's), always passed, and, if it has a ``teacher_dim`` parameter, the stage teacher's
-    width. It returns an ``nn.Module`` with ``forward(batch, student, teacher=None) ->
-    ObjectiveOutput`` (``anymodal.core.objective``: ``batch.raw`` the collated samples,
-    ``batch.tokens`` the student's tokens, ``batch.mask`` the stage masker's choice or None;
-    ``ObjectiveOutput(loss, metrics)``). Class attributes ``needs_mask`` / ``needs_teacher`` (default False) make a
-    stage without a masker / teacher an error at build time.
+    width. It returns an ``nn.Module`` that keeps the ``Objective`` Protocol of
+    ``anymodal.core.objective``: ``forward(batch, student, teacher=None) -> ObjectiveOutput``
+    (``batch.raw`` the collated samples, ``batch.tokens`` the student's tokens, ``batch.mask`` the
+    stage masker's choice or None; ``ObjectiveOutput(loss, metrics)``, metrics as detached 0-d
+    tensors, or floats). Its class attributes, each False when absent: ``needs_mask`` /
+    ``needs_teacher`` make a stage without a masker / teacher an error at build time;
+    ``needs_targets`` keeps the tokenizer's reconstruction targets on (``TargetSwitch``).
 
     :return: mapping of objective name to factory, or None.
     """
@@ -159,10 +161,12 @@ def register_teachers() -> Factories:
 
     A factory receives its config section plus ``student`` (the student `Backbone`), always
     passed, and, if it has a ``folder`` parameter, the run folder (`RunFolder`, for earlier stages'
-    checkpoints). It returns an ``nn.Module`` called as ``teacher(batch, layers=0) -> Encoded``
-    over the student's full token set, used under ``no_grad`` by objectives that ask for one. A
-    teacher with an ``update(student, step, total)`` method is updated after every optimizer step
-    and its state is saved in checkpoints (an EMA); others are rebuilt on resume.
+    checkpoints). It returns an ``nn.Module`` that keeps the ``Teacher`` Protocol of
+    ``anymodal.core.teachers``: called as ``teacher(batch, layers=0) -> Encoded`` over the
+    student's full token set, with a ``dim`` attribute (its feature width, passed as
+    ``teacher_dim``), used under ``no_grad`` by objectives that ask for one. A teacher that is also a ``MovingTeacher`` (an
+    ``update(student, step, total)`` method, as an EMA) is updated after every optimizer step and
+    its state is saved in checkpoints; others are rebuilt on resume.
 
     :return: mapping of teacher name to factory, or None.
     """
