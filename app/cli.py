@@ -143,14 +143,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugin_new(args: argparse.Namespace) -> int:
-    from .scaffold import new_plugin
+    from .scaffold import new_plugin, next_steps
 
     try:
         root = new_plugin(args.name, Path(args.dir))
     except ValueError as e:
         print(f"anymodal plugin new: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {root}\nnext: pip install -e {root} && python -m pytest -q {root / 'tests'}")
+    print(next_steps(root))
     return 0
 
 

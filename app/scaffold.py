@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from string import Template
 
-__all__ = ["new_plugin", "NAME_PATTERN"]
+__all__ = ["new_plugin", "next_steps", "NAME_PATTERN"]
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -200,13 +200,35 @@ generated dataset (`${name}_signals`), registered through the `anymodal` entry p
 ```bash
 pip install -e .
 anymodal plugins                               # lists ${name}_chunks from $name (anymodal-$name 0.1.0)
-anymodal train anymodal_$name/configs/$name.yaml --run-dir runs/$name
-python -m pytest -q tests
+anymodal train anymodal_$name/configs/$name.yaml --run-dir runs/$name   # a seconds-long MAE run
+anymodal eval runs/$name --no-pictures         # linear probe and k-NN of the frequency class
+anymodal train tiny-two-stage modality=$name recipe=videoprism --run-dir runs/$name-vp  # any recipe
 ```
+
+Its tests need pytest (`scripts/install.sh --dev` in anymodal's checkout installs it; otherwise
+`pip install pytest`): `python -m pytest -q tests`.
 
 Replace the dataset with your recordings and the tokenizer with your own; keep `example_input`,
 which anymodal uses to check the tokenizer's output when it loads the plugin.
 '''
+
+
+def next_steps(root: Path) -> str:
+    """What to run after ``new_plugin`` wrote ``root``: commands that work after a plain install of
+    anymodal (``scripts/install.sh``, no test tools); the package's own tests last, with pytest."""
+    root = Path(root)
+    name = root.name.removeprefix("anymodal-")
+    shown = root.as_posix() if root.is_absolute() or root.as_posix().startswith(".") else f"./{root.as_posix()}"
+    config = f"{shown}/anymodal_{name}/configs/{name}.yaml"
+    return "\n".join([
+        f"wrote {shown}",
+        "next:",
+        f"  pip install -e {shown}",
+        f"  anymodal plugins                    # lists {name}_chunks from {name} (anymodal-{name} 0.1.0)",
+        f"  anymodal train {config} --run-dir runs/{name}",
+        f"  anymodal eval runs/{name} --no-pictures",
+        f"its tests, with pytest (pip install pytest): python -m pytest -q {shown}/tests",
+    ])
 
 
 def new_plugin(name: str, folder: Path) -> Path:

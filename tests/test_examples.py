@@ -9,6 +9,7 @@ environment is never modified; the entry points are found through the installed 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,12 +76,19 @@ def test_radar_own_tests_pass(radar_copy: Path, radar_site: Path) -> None:
 
 
 def test_plugin_new_skeleton_passes_its_test(tmp_path: Path) -> None:
-    proc = _anymodal("plugin", "new", "sonar", "--dir", str(tmp_path / "src"), cwd=tmp_path)
+    proc = _anymodal("plugin", "new", "sonar", "--dir", "src", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "src" / "anymodal-sonar"
-    site = _pip_install(root, tmp_path / "site")
-    listed = _anymodal("plugins", env=_env(site), cwd=tmp_path)
-    assert any(line.split()[:3] == ["sonar_chunks", "from", "sonar"] for line in listed.stdout.splitlines()), listed.stdout
+    site = _pip_install(root, tmp_path / "site")  # what the printed `pip install -e` does, kept out of this env
+    # every printed `anymodal` step runs as printed, from the folder `plugin new` ran in; none needs pytest
+    steps = [shlex.split(line.split("#")[0]) for line in proc.stdout.splitlines() if line.startswith("  anymodal ")]
+    assert [s[1] for s in steps] == ["plugins", "train", "eval"], proc.stdout
+    assert "pytest" not in "\n".join(line for line in proc.stdout.splitlines() if line.startswith("  ")), proc.stdout
+    for step in steps:
+        done = _anymodal(*step[1:], env=_env(site), cwd=tmp_path)
+        assert done.returncode == 0, f"{' '.join(step)}: {done.stderr[-3000:]}"
+        if step[1] == "plugins":
+            assert any(line.split()[:3] == ["sonar_chunks", "from", "sonar"] for line in done.stdout.splitlines()), done.stdout
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
                           capture_output=True, text=True, env=_env(site), cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
