@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from .backbone import Backbone
+from .backbone import Backbone, SensorInput
 from .checkpoint import load_checkpoint, load_model_state
 from .config import objective_nodes
 from .encoder import Encoder
@@ -115,14 +115,22 @@ def _build_nested(factory: Callable[..., Any], kwargs: dict, key: str, width: in
 
 
 def build_backbone(cfg: DictConfig, components: Any) -> Backbone:
+    """The student: ``modality.tokenizer`` and the encoder, then each of ``modality.sensors``' tokenizers
+    with a positional encoding of its own (built in that order, so one-sensor weights never change)."""
     dim, depth, heads = encoder_shape(cfg.model)
-    name, kwargs = _split_name(cfg.modality.tokenizer)
-    tokenizer = components.tokenizer.build(name, dim=dim, **kwargs)
-    posenc = build_posenc(cfg.model.posenc, dim, tokenizer.pos_axes, getattr(tokenizer, "grid_size", None))
+
+    def tokenizer_and_posenc(node: Any) -> tuple[nn.Module, nn.Module]:
+        name, kwargs = _split_name(node)
+        tokenizer = components.tokenizer.build(name, dim=dim, **kwargs)
+        return tokenizer, build_posenc(cfg.model.posenc, dim, tokenizer.pos_axes, getattr(tokenizer, "grid_size", None))
+
+    tokenizer, posenc = tokenizer_and_posenc(cfg.modality.tokenizer)
     encoder = Encoder(dim, depth, heads, posenc, mlp_ratio=cfg.model.mlp_ratio, drop_path=cfg.model.drop_path,
                       attn_backend=cfg.model.attn_backend, cls_token=cfg.model.cls_token,
                       grad_checkpointing=cfg.model.grad_checkpointing)
-    return Backbone(tokenizer, encoder, pool=cfg.model.pool)
+    others = {sensor: SensorInput(*tokenizer_and_posenc(node.tokenizer))
+              for sensor, node in cfg.modality.sensors.items() if sensor != cfg.modality.sensor}
+    return Backbone(tokenizer, encoder, pool=cfg.model.pool, sensor=cfg.modality.sensor or None, others=others)
 
 
 def build_dataset(cfg: DictConfig, split: str, components: Any) -> Dataset:
@@ -167,7 +175,8 @@ def build_objectives(stage: Any, components: Any, backbone: Backbone,
                      teacher: Optional[nn.Module] = None) -> tuple[nn.ModuleDict, dict[str, float]]:
     """The stage's objectives (label -> module) and their loss weights.
 
-    Factories get ``dim`` and ``tokenizer`` (the student's), ``teacher_dim`` when they take it, and
+    Factories get ``dim`` and ``tokenizer`` (the student's, of the stage's sensor), ``sensor`` (the
+    stage's) and ``teacher_dim`` when they take it, and
     the nested components they declare built (`nested_components`).
 
     Raises:
@@ -183,9 +192,11 @@ def build_objectives(stage: Any, components: Any, backbone: Backbone,
             raise ValueError(f"objective {label!r} ({name}) needs a teacher: set the stage's `teacher:` (ema, stage, timm)")
         if "teacher_dim" in inspect.signature(factory).parameters:
             node.setdefault("teacher_dim", getattr(teacher, "dim", None))
+        if "sensor" in inspect.signature(factory).parameters:
+            node.setdefault("sensor", getattr(stage, "sensor", None))
         dim = backbone.encoder.dim
         node, nested = _build_nested(factory, node, f"objectives.{label}", dim, components)
-        modules[label] = components.objective.build(name, dim=dim, tokenizer=backbone.tokenizer, **node)
+        modules[label] = components.objective.build(name, dim=dim, tokenizer=backbone.tokenizer_of(getattr(stage, "sensor", None)), **node)
         for module in nested:  # those the objective did not initialize itself
             init_component(module)
         weights[label] = weight

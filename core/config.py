@@ -391,6 +391,39 @@ def objective_nodes(stage: Any) -> list[tuple[str, dict, float]]:
     return out
 
 
+SENSOR_KEYS = ("tokenizer", "masker")
+
+
+def _sensors(modality: Mapping) -> list[str]:
+    """The sample fields a config's backbone tokenizes: the first sensor's, then the others."""
+    first = modality["sensor"] or modality["tokenizer"].get("input_key") or "(the tokenizer's input field)"
+    return [first, *(s for s in modality["sensors"] if s != modality["sensor"])]
+
+
+def _sensor_errors(modality: Mapping, components: Any, src: Callable[[str], str], dim: Optional[int]) -> list[str]:
+    """``modality.sensors``: each a mapping of a tokenizer (and a masker); ``modality.sensor`` one of them."""
+    sensors = modality["sensors"]
+    if not sensors:
+        return []
+    errors = []
+    if modality["sensor"] not in sensors:
+        errors.append(f"modality.sensor (from {src('modality.sensor')}) must name one of modality.sensors "
+                      f"({', '.join(sensors)}), the sensor modality.tokenizer reads; got {modality['sensor']!r}")
+    for sensor, node in sensors.items():
+        key = f"modality.sensors.{sensor}"
+        if not isinstance(node, Mapping) or not node.get("tokenizer"):
+            errors.append(f"{key} (from {src(key)}) must be a mapping with a tokenizer: {{tokenizer: {{name: ...}}}}")
+            continue
+        errors += [f"unknown key '{key}.{k}' (from {src(key)}); a sensor has {', '.join(SENSOR_KEYS)}"
+                   for k in node if k not in SENSOR_KEYS]
+        if sensor != modality["sensor"]:  # the first sensor's tokenizer is modality.tokenizer, checked already
+            errors += (_component_errors(node["tokenizer"], components.tokenizer, f"{key}.tokenizer", src, ["dim"]) if dim is None
+                       else _build_errors(node["tokenizer"], components.tokenizer, f"{key}.tokenizer", src, dim=dim))
+        if node.get("masker"):
+            errors += _build_errors(node["masker"], components.masker, f"{key}.masker", src)
+    return errors
+
+
 def validate(composed: ComposedConfig, components: Any) -> None:
     """Check every value against its schema rule and every component node against its registry and
     factory signature (maskers are built once); report all at once.
@@ -411,6 +444,7 @@ def validate(composed: ComposedConfig, components: Any) -> None:
                                 dim=model_shape(composed.cfg.model)[0])
     if cfg["modality"]["masker"]:
         errors += _build_errors(cfg["modality"]["masker"], components.masker, "modality.masker", src)
+    errors += _sensor_errors(cfg["modality"], components, src, None if errors else model_shape(composed.cfg.model)[0])
     for split in ("train", "test"):
         if cfg["data"][split]:
             errors += _component_errors(cfg["data"][split], components.dataset, f"data.{split}", src, ["split"])
@@ -437,13 +471,19 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         # a masker that points at another node (${modality.masker}) is checked there
         if resolved_stage["masker"] and not OmegaConf.is_interpolation(stage, "masker"):
             errors += _build_errors(resolved_stage["masker"], components.masker, f"{prefix}.masker", src)
+        sensor = resolved_stage["sensor"]
+        if sensor is not None and sensor not in _sensors(cfg["modality"]):
+            near = closest(sensor, _sensors(cfg["modality"]))
+            errors.append(f"{prefix}.sensor (from {src(prefix + '.sensor')}) names sensor {sensor!r}, which modality "
+                          f"{cfg['modality']['name']!r} does not have (sensors: {', '.join(_sensors(cfg['modality']))})"
+                          + (f"; did you mean {near[0]!r}?" if near else ""))
         if not resolved_stage["objectives"]:
             errors.append(f"{prefix} (from {src(prefix)}) lists no objectives")
         weight_errors = _weight_errors(resolved_stage, prefix, src)
         errors += weight_errors
         for label, node, _ in [] if weight_errors else objective_nodes(OmegaConf.create(resolved_stage)):
             key = f"{prefix}.objectives.{label}"
-            errors += _component_errors(node, components.objective, key, src, ["dim", "tokenizer"])
+            errors += _component_errors(node, components.objective, key, src, ["dim", "tokenizer", "sensor"])
             if node["name"] in components.objective:
                 errors += _nested_errors(components.objective.entry(node["name"]).factory, node, key, components, src)
     if errors:

@@ -26,6 +26,8 @@ from .backbone import Backbone
 from .build import build_backbone, build_dataset, stage_objectives
 from .config import load_run_config, objective_nodes
 from .data import collate
+from .dense_probe import format_segmentation, point_features, segmentation_probe
+from .linear import fit_linear
 from .device import resolve_device
 from .export import load_exported
 from .runfolder import RunFolder, write_atomic
@@ -107,22 +109,10 @@ def _batches(dataset: Dataset, batch_size: int, progress: Optional[str]) -> Any:
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, iters: int = 100,
                  l2: float = 1e-4) -> float:
     """Test accuracy of multinomial logistic regression on standardized features (L-BFGS)."""
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
     classes = int(max(train_y.max(), test_y.max())) + 1
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(xtr.shape[1], classes)
-    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(layer(xtr), train_y) + l2 * layer.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    layer, (mean, std) = fit_linear(train_x, train_y, classes, iters, l2)
     with torch.no_grad():
-        return (layer(xte).argmax(1) == test_y).float().mean().item()
+        return (layer((test_x - mean) / std).argmax(1) == test_y).float().mean().item()
 
 
 def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, k: int = 20,
@@ -246,9 +236,14 @@ def _evaluate(folder: RunFolder, components: Any, pictures: Optional[bool], writ
     summary = {"run": str(folder.root), "train_samples": len(train), "test_samples": len(test), "results": results,
                "retrieval": _retrievals(folder, cfg, components, trained, subset(test, ev.retrieval_samples, cfg.run.seed),
                                         device, progress)}
+    if ev.point_labels:
+        summary["segmentation"] = {name: _segmentation(model, train, test, cfg, device, name)
+                                   for name, model in ((label, trained), ("random init", random_init))}
     written.append(write_atomic(folder.eval / "results.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))))
     if summary["retrieval"]:
         table += "\n\n" + format_retrieval(summary["retrieval"])
+    if ev.point_labels:
+        table += "\n\n" + format_segmentation(summary["segmentation"], _class_names(ev, summary["segmentation"]))
     written.append(write_atomic(folder.eval / "table.md", lambda tmp: tmp.write_text(table + "\n")))
     if ev.pictures if pictures is None else pictures:
         from .pictures import plot_loss_curve, plot_reconstructions
@@ -258,6 +253,28 @@ def _evaluate(folder: RunFolder, components: Any, pictures: Optional[bool], writ
         written.extend(plot_reconstructions(folder, cfg, components, trained, test, device))
     summary["table"] = table
     return summary
+
+
+def _segmentation(model: Backbone, train: Dataset, test: Dataset, cfg: Any, device: torch.device, name: str) -> dict[str, Any]:
+    """The per-point segmentation probe of ``eval.point_labels`` on ``model``'s frozen tokens."""
+    ev = cfg.eval
+    x = {}
+    for split, data in (("train", train), ("test", test)):
+        log.info("%s: point features of the %s split (%s, up to %d points a frame)", name, split, ev.point_labels, ev.point_samples)
+        x[split] = point_features(model, data, ev.point_labels, ev.batch_size, device, ev.point_sensor, ev.point_samples,
+                                  cfg.run.seed)
+    (xtr, ytr), (xte, yte) = x["train"], x["test"]
+    classes = len(ev.point_classes) or int(max(ytr.max(), yte.max())) + 1
+    if int(max(ytr.max(), yte.max())) >= classes:
+        raise ValueError(f"{ev.point_labels} holds label {int(max(ytr.max(), yte.max()))} but eval.point_classes names "
+                         f"{classes} classes")
+    log.info("%s: segmentation probe on %d x %d point features, tested on %d points", name, *xtr.shape, len(xte))
+    return segmentation_probe(xtr, ytr, xte, yte, classes, ev.probe_iters, ev.probe_l2)
+
+
+def _class_names(ev: Any, results: dict[str, dict[str, Any]]) -> list[str]:
+    count = len(next(iter(results.values()))["iou"])
+    return list(ev.point_classes) or [str(i) for i in range(count)]
 
 
 def _retrievals(folder: RunFolder, cfg: Any, components: Any, trained: Backbone, few: Dataset, device: torch.device,

@@ -200,6 +200,10 @@ class ModalityConfig:
     name: str = ""  # set by the modality file; a label, never branched on
     tokenizer: Dict[str, Any] = field(default_factory=dict)
     masker: Dict[str, Any] = field(default_factory=dict)  # the modality's default masker
+    # a scene sample's further sensors, by sample field: {cam_front: {tokenizer: {...}, masker: {...}}};
+    # `tokenizer` above is then the first sensor's, reading the field named by `sensor`
+    sensor: str = ""
+    sensors: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -234,6 +238,7 @@ class StageConfig:
     init_from: Optional[str] = None  # an earlier stage's final backbone, or "scratch" (the run's initial random weights); default: carry on
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: Optional[int] = checked(None, AT_LEAST_1)  # overrides data.batch_size for this stage
+    sensor: Optional[str] = None  # the sensor whose tokens the stage's batch holds (a scene's); default the first
 
 
 @dataclass
@@ -255,6 +260,12 @@ class EvalConfig:
     pictures: bool = True
     retrieval_samples: int = checked(1000, AT_LEAST_1)  # test samples ranked for zero-shot retrieval (contrastive stages)
     monitor_every: int = checked(0, AT_LEAST_0)  # online k-NN and collapse monitors every N steps during training; 0 = off
+    # a per-point segmentation probe (scenes): the field of per-point labels (lidar_top/labels), the
+    # sensor whose tokens are probed (default the first), class names, points drawn per frame
+    point_labels: Optional[str] = None
+    point_sensor: Optional[str] = None
+    point_classes: List[str] = field(default_factory=list)
+    point_samples: int = checked(2048, AT_LEAST_1)
     monitor_samples: int = checked(1000, Range(2))  # labelled samples the online monitor uses (half reference, half query)
 
 

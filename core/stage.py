@@ -66,16 +66,18 @@ class StepForward(nn.Module):
         backbone: the student.
         objectives: label -> `Objective`, the stage's objectives.
         weights: label -> loss weight.
+        sensor: the sensor whose tokens the batch holds (None: the backbone's first).
     """
 
-    def __init__(self, backbone: Backbone, objectives: nn.ModuleDict, weights: dict[str, float]) -> None:
+    def __init__(self, backbone: Backbone, objectives: nn.ModuleDict, weights: dict[str, float],
+                 sensor: Optional[str] = None) -> None:
         super().__init__()
-        self.backbone, self.objectives, self.weights = backbone, objectives, weights
+        self.backbone, self.objectives, self.weights, self.sensor = backbone, objectives, weights, sensor
 
     def forward(self, raw: dict[str, Any], masker: Optional[Masker], generator: torch.Generator,
                 teacher: Optional[Teacher]) -> tuple[Tensor, dict[str, Any]]:
         """The weighted loss and every objective's metrics as ``"<label>/<name>"`` (tensors or floats)."""
-        tokens = self.backbone.tokenize(raw)
+        tokens = self.backbone.tokenize(raw, self.sensor)
         mask = masker(tokens, generator) if masker is not None else None
         batch = Batch(raw, tokens, mask, generator)
         loss = torch.zeros((), device=tokens.x.device)
@@ -185,10 +187,10 @@ class StageSetup:
         teacher, objectives, weights = self._objectives(backbone, name, stage)
         masker = build_masker(stage, self.components)
         batch_size = stage.batch_size or self.cfg.data.batch_size
-        dataset = self._dataset(index, backbone.tokenizer.input_key)
+        dataset = self._dataset(index, stage.sensor or backbone.sensor)
         total = stage_steps(stage, len(dataset), batch_size)
         monitor = OnlineMonitor(self.cfg, self.components, self.device) if self.cfg.eval.monitor_every and self.main else None
-        model = StepForward(backbone, objectives, weights)
+        model = StepForward(backbone, objectives, weights, stage.sensor)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         shards = shard_folder(self.folder.last, state) if state is not None else None
         step = self._resumed(name, state, shards, objectives, teacher, scaler)
@@ -231,8 +233,9 @@ class StageSetup:
         with _bad_value(f"{prefix}.objectives"):
             objectives, weights = build_objectives(stage, self.components, backbone, teacher)
         objectives.to(self.device)
-        if isinstance(backbone.tokenizer, TargetSwitch):
-            backbone.tokenizer.make_targets = reads_targets(objectives.values())
+        tokenizer = backbone.tokenizer_of(stage.sensor)
+        if isinstance(tokenizer, TargetSwitch):
+            tokenizer.make_targets = reads_targets(objectives.values())
         return teacher, objectives, weights
 
     def _dataset(self, index: int, key: str) -> AugmentedDataset:
@@ -293,7 +296,9 @@ class StageSetup:
 
     def _used(self, stage: Any) -> list[tuple[str, str]]:
         """(kind, name) of the components a stage's step runs, for `Components.blame`."""
-        used = [("tokenizer", self.cfg.modality.tokenizer.name),
+        modality = self.cfg.modality
+        tokenizer = modality.sensors[stage.sensor].tokenizer if stage.sensor in modality.sensors else modality.tokenizer
+        used = [("tokenizer", tokenizer.name),
                 *(("objective", node["name"]) for _, node, _ in objective_nodes(stage))]
         if stage.masker:
             used.append(("masker", stage.masker.name))

@@ -44,12 +44,14 @@ class Teacher(Protocol):
 
     dim: int
 
-    def __call__(self, batch: Batch, layers: int = 0) -> Encoded:
+    def __call__(self, batch: Batch, layers: int = 0, sensor: Optional[str] = None) -> Encoded:
         """Encode ``batch.raw`` over the student's full token set (``batch.tokens``' order and padding).
 
         Args:
             batch: the step's batch.
             layers: also return the last ``layers`` block outputs in ``Encoded.layers`` (oldest first).
+            sensor: encode this sample field instead (a scene's other sensor: a camera whose
+                features a lidar student distils), over the teacher's own tokens of it.
         """
         ...
 
@@ -65,21 +67,24 @@ class MovingTeacher(Protocol):
         ...
 
 
-def teacher_encode(batch: Batch, teacher: Optional[nn.Module], layers: int = 0) -> Encoded:
-    """The teacher's encoding of ``batch`` over all tokens, computed once per batch and layer count.
+def teacher_encode(batch: Batch, teacher: Optional[nn.Module], layers: int = 0, sensor: Optional[str] = None) -> Encoded:
+    """The teacher's encoding of ``batch`` over all tokens (of ``sensor``, when given), computed once
+    per batch, layer count and sensor.
 
     Raises:
         ValueError: when the stage has no teacher.
     """
     if teacher is None:
         raise ValueError("this objective needs a teacher: give its stage a `teacher:` (ema, stage, timm, ...)")
-    cached = [(k, v) for k, v in batch.cache.items() if isinstance(k, tuple) and k[0] == "teacher" and k[1] >= layers]
+    cached = [(k, v) for k, v in batch.cache.items()
+              if isinstance(k, tuple) and k[0] == "teacher" and k[1] >= layers and k[2] == sensor]
     if cached:  # any run with at least as many layers holds the final tokens too
         encoded = cached[0][1]
         return encoded if len(encoded.layers) == layers else replace(encoded, layers=encoded.layers[len(encoded.layers) - layers:])
     with torch.no_grad():
-        batch.cache[("teacher", layers)] = teacher(batch, layers=layers)
-    return batch.cache[("teacher", layers)]
+        encoded = teacher(batch, layers=layers) if sensor is None else teacher(batch, layers=layers, sensor=sensor)
+    batch.cache[("teacher", layers, sensor)] = encoded
+    return encoded
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -101,8 +106,9 @@ class BackboneTeacher(nn.Module):
         return super().train(False)  # always eval: no dropout/drop-path in targets
 
     @torch.no_grad()
-    def forward(self, batch: Batch, layers: int = 0) -> Encoded:
-        return self.backbone.encode(self.backbone.tokenize(batch.raw), None, layers)
+    def forward(self, batch: Batch, layers: int = 0, sensor: Optional[str] = None) -> Encoded:
+        sensor = sensor or batch.tokens.sensor or None  # default: the sensor the student's batch holds
+        return self.backbone.encode(self.backbone.tokenize(batch.raw, sensor), None, layers)
 
 
 class EmaTeacher(BackboneTeacher):
@@ -161,7 +167,8 @@ class TimmTeacher(nn.Module):
     """Any timm ViT as a frozen teacher (UMT distils from CLIP ViTs this way).
 
     The teacher reads the student's input field and must produce one token per student token
-    (same patch grid); extra prefix tokens (class, registers) are dropped.
+    (same patch grid); extra prefix tokens (class, registers) are dropped. Called for another
+    sensor of a scene (a camera, for a lidar student), it reads that field and returns its own grid.
 
     Args:
         student: the student backbone (gives the input field and the token count to match).
@@ -187,7 +194,7 @@ class TimmTeacher(nn.Module):
         else:
             log.warning("timm teacher %s has no checkpoint: it is randomly initialized", model)
         _freeze(self.net)
-        self.input_key = student.tokenizer.input_key
+        self.input_key = student.sensor
         self.prefix = int(getattr(self.net, "num_prefix_tokens", 0))
         self.dim = int(self.net.num_features)
         self.train(False)
@@ -196,17 +203,23 @@ class TimmTeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, batch: Batch, layers: int = 0) -> Encoded:
-        x = batch.raw[self.input_key]
+    def forward(self, batch: Batch, layers: int = 0, sensor: Optional[str] = None) -> Encoded:
+        x = batch.raw[sensor or batch.tokens.sensor or self.input_key]
         full = self.net.forward_features(x)
         feats = full[:, self.prefix:]
         kept = []
         if layers:
             kept = self.net.forward_intermediates(x, indices=layers, output_fmt="NLC", intermediates_only=True, norm=False)
             kept = [k[:, self.prefix:] if k.shape[1] != feats.shape[1] else k for k in kept]
+        if sensor:  # another sensor than the student's: the teacher's own patch grid, row-major
+            grid = tuple(int(g) for g in self.net.patch_embed.grid_size)
+            cls = self.net.forward_head(full, pre_logits=True) if self.prefix else feats.mean(1)
+            rows, cols = torch.meshgrid(torch.arange(grid[0], device=x.device), torch.arange(grid[1], device=x.device), indexing="ij")
+            pos = torch.stack([rows.flatten(), cols.flatten()], -1).expand(x.shape[0], -1, -1)
+            return Encoded(Tokens(feats, pos, grid=grid, sensor=sensor), cls, kept)
         tokens = batch.tokens
         if feats.shape[1] != tokens.num_tokens:
             raise ValueError(f"timm teacher gives {feats.shape[1]} tokens per sample, the student's tokenizer "
                              f"{tokens.num_tokens}: match the teacher's img_size/patch_size to the student's")
         cls = self.net.forward_head(full, pre_logits=True) if self.prefix else feats.mean(1)
-        return Encoded(Tokens(feats, tokens.pos, tokens.padding, tokens.grid, tokens.targets, tokens.modality), cls, kept)
+        return Encoded(replace(tokens, x=feats), cls, kept)

@@ -31,6 +31,12 @@ class Tokens:
         grid: the token grid's shape (e.g. ``(H, W)`` or ``(T, H, W)``) where there is one.
         targets: per-token reconstruction targets in input space ``[B, N, P]``, or None.
         modality: a label for logging only; core code never branches on it.
+        sensor: which of a multi-sensor backbone's further sensors made them (its sample field);
+            "" for the first (or only) sensor. It picks the positional encoding, nothing else.
+        source: ``[B, M]`` long, the token each of the ``M`` input elements went into (a lidar
+            point's pillar), -1 where none; indices into the full set, kept as they are by
+            `select`. Given by tokenizers whose tokens pool input elements, for objectives and
+            probes that map token features back onto the input (per-point labels, calibration).
     """
 
     x: Tensor
@@ -39,6 +45,8 @@ class Tokens:
     grid: Optional[tuple[int, ...]] = None
     targets: Optional[Tensor] = None
     modality: str = ""
+    sensor: str = ""
+    source: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         b, n = self.x.shape[:2]
@@ -46,6 +54,8 @@ class Tokens:
             t = getattr(self, name)
             if t is not None and tuple(t.shape[:2]) != (b, n):
                 raise ValueError(f"Tokens.{name} has shape {tuple(t.shape)}; its first two dims must be (B, N) = {(b, n)}")
+        if self.source is not None and (self.source.shape[0] != b or self.source.dim() != 2 or self.source.is_floating_point()):
+            raise ValueError(f"Tokens.source must be an integer [B={b}, M] tensor, got {self.source.dtype} {tuple(self.source.shape)}")
         if self.padding is not None and self.padding.dtype != torch.bool:
             raise ValueError(f"Tokens.padding must be bool, got {self.padding.dtype}")
 
@@ -86,4 +96,4 @@ class Tokens:
             device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
             return t if device is None else t.to(device)
 
-        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name in ("x", "pos", "padding", "targets")})
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name in ("x", "pos", "padding", "targets", "source")})

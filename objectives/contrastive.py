@@ -31,7 +31,7 @@ from .text_tower import TextEncoder
 
 __all__ = ["Contrastive", "AttentivePool", "info_nce", "PAIRS", "POOLS"]
 
-PAIRS = ("text", "views", "modality")
+PAIRS = ("text", "views", "modality", "sensor")
 POOLS = ("mean", "attentive")
 VIEW2_SUFFIX = "_view2"  # batch[<student input key> + this] holds the second view (pair=views)
 
@@ -119,7 +119,9 @@ class Contrastive(nn.Module):
         tokenizer: the student's tokenizer (given by the trainer); only its ``input_key`` is used.
         pair: ``text`` (the captions in ``batch[text input key]``, through a text tower), ``views``
             (a second augmented view in ``batch[input_key + "_view2"]``, encoded by the student) or
-            ``modality`` (``batch[other_key]`` through ``other_tokenizer`` and the student's encoder).
+            ``modality`` (``batch[other_key]`` through ``other_tokenizer`` and the student's encoder)
+            or ``sensor`` (another sensor of a scene sample, ``other_sensor``, through the student's
+            own tokenizer of it: camera and lidar of one frame are the positives).
         embed_dim: width of the shared embedding space.
         pool: ``mean`` or ``attentive``, for the sides the student encodes.
         temperature: initial softmax temperature.
@@ -139,6 +141,8 @@ class Contrastive(nn.Module):
         other_posenc: the positional encoding of the second modality's tokens in the shared
             encoder (``sincos``, ``learned``, ``mlp``), built for that tokenizer's position axes,
             so the two modalities need not share a kind of position (2-D patches and 3-D points).
+        other_sensor: the partner sensor (``pair=sensor``), one of the backbone's sensors.
+        sensor: the stage's sensor, whose tokens the batch holds (given by the trainer).
 
     Raises:
         ValueError: an unknown pair or pooling, a temperature out of bounds, a bad mask ratio, a
@@ -152,7 +156,7 @@ class Contrastive(nn.Module):
                  temperature: float = 0.07, learn_temperature: bool = True, max_logit_scale: float = 100.0,
                  mask_ratio: float = 0.0, gather: bool = True, text: Optional[Mapping[str, Any]] = None,
                  other_key: Optional[str] = None, other_tokenizer: Optional[nn.Module] = None,
-                 other_posenc: str = "sincos") -> None:
+                 other_posenc: str = "sincos", other_sensor: Optional[str] = None, sensor: Optional[str] = None) -> None:
         super().__init__()
         if pair not in PAIRS:
             raise ValueError(f"unknown contrastive pair {pair!r}; choose one of {', '.join(PAIRS)}")
@@ -169,7 +173,13 @@ class Contrastive(nn.Module):
             raise ValueError("contrastive pair=modality needs other_tokenizer (and optionally other_key); "
                              f"other pairs take neither (pair={pair}, other_key={other_key!r}, "
                              f"other_tokenizer={'set' if other_tokenizer is not None else None})")
+        if (other_sensor is not None) != (pair == "sensor"):
+            raise ValueError(f"contrastive pair=sensor needs other_sensor, the partner sensor; other pairs take none "
+                             f"(pair={pair}, other_sensor={other_sensor!r})")
+        if other_sensor is not None and other_sensor == sensor:
+            raise ValueError(f"contrastive other_sensor {other_sensor!r} is the stage's own sensor; name another one")
         self.pair, self.gather, self.input_key = pair, gather, tokenizer.input_key
+        self.sensor, self.other_sensor = sensor, other_sensor
         self.masker = RandomMasker(mask_ratio) if mask_ratio > 0 else None  # RandomMasker checks the ratio
         self.learn_temperature = learn_temperature
         self.max_log_scale = math.log(max_logit_scale)
@@ -194,6 +204,9 @@ class Contrastive(nn.Module):
             kwargs["tokenizer"] = init_component(kwargs["tokenizer"])
             self.text = TextEncoder(**kwargs)
             self.partner_proj = nn.Linear(self.text.dim, embed_dim)
+        elif pair == "sensor":
+            self.partner_pool = AttentivePool(dim, heads) if pool == "attentive" else None
+            self.partner_proj = nn.Linear(dim, embed_dim)
         elif pair == "modality":
             if not isinstance(other_tokenizer, nn.Module):
                 raise ValueError("contrastive pair=modality needs other_tokenizer, a built tokenizer (in a config: "
@@ -210,6 +223,8 @@ class Contrastive(nn.Module):
         """The batch field holding the partners (captions, second view or second modality)."""
         if self.text is not None:
             return self.text.input_key
+        if self.pair == "sensor":
+            return self.other_sensor
         return self.input_key + VIEW2_SUFFIX if self.pair == "views" else self.other_key
 
     def logit_scale(self) -> Tensor:
@@ -227,6 +242,8 @@ class Contrastive(nn.Module):
 
     def _partner_tokens(self, raw: Mapping[str, Any], student: Any) -> Tokens:
         partners = self._field(raw, self.partner_key)
+        if self.pair == "sensor":
+            return student.tokenize(raw, self.other_sensor)
         if self.pair == "views":
             return student.tokenize({self.input_key: partners})
         return self.other_tokenizer(partners)
@@ -247,7 +264,7 @@ class Contrastive(nn.Module):
 
         The caller chooses eval mode and ``torch.no_grad``.
         """
-        return self._embed(student.encode(student.tokenize(raw)), self.sample_pool, self.sample_proj)
+        return self._embed(student.encode(student.tokenize(raw, self.sensor)), self.sample_pool, self.sample_proj)
 
     def embed_partner(self, raw: Mapping[str, Any], student: Any) -> Tensor:
         """Partners' normalized embeddings ``[B, embed_dim]`` (caption, second view or second

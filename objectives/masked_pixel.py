@@ -65,11 +65,11 @@ class MaskedPixel(nn.Module):
         if batch.mask is None:
             raise ValueError("masked_pixel needs a masker in its stage (stage.masker)")
         if batch.tokens.targets is None:
-            raise ValueError(f"masked_pixel got no reconstruction targets from {type(student.tokenizer).__name__} "
+            raise ValueError(f"masked_pixel got no reconstruction targets from {type(student.tokenizer_of(batch.tokens.sensor or None)).__name__} "
                              "(its make_targets is off, or it makes none)")
         pred = self.reconstruct(batch, student).float()
         target = gather_tokens(batch.tokens.targets, batch.mask.target).float()
-        own_loss = getattr(student.tokenizer, "reconstruction_loss", None)
+        own_loss = getattr(student.tokenizer_of(batch.tokens.sensor or None), "reconstruction_loss", None)
         if own_loss is not None:  # targets that are sets (point groups): the tokenizer's set distance
             loss = own_loss(pred, target)
         else:

@@ -5,6 +5,7 @@ from ..core.masking import BlockMasker, MultiBlockMasker, RandomMasker, TubeMask
 from ..core.teachers import EmaTeacher, StageTeacher, TimmTeacher
 from ..objectives.contrastive import Contrastive
 from ..objectives.distill import MaskedDistill, UnmaskedTokenDistill
+from ..objectives.image_to_lidar import ImageToLidar
 from ..objectives.jepa import Jepa
 from ..objectives.masked_pixel import MaskedPixel
 from . import hookimpl
@@ -18,7 +19,7 @@ def register_maskers():
 @hookimpl
 def register_objectives():
     return {"masked_pixel": MaskedPixel, "contrastive": Contrastive, "jepa": Jepa, "distill": UnmaskedTokenDistill,
-            "masked_distill": MaskedDistill}
+            "masked_distill": MaskedDistill, "image_to_lidar": ImageToLidar}
 
 
 @hookimpl

@@ -80,7 +80,8 @@ def test_unknown_component_and_argument_are_reported_together(components):
 def test_misspelled_objective_lists_registered(components):
     composed = compose("default", ["recipe.stages.pretrain.objectives={masked_pixle: {weight: 1.0}}"])
     with pytest.raises(ConfigError, match=r"unknown objective 'masked_pixle' \(from command line\); did you mean "
-                                          r"'masked_pixel'\?; registered: contrastive, distill, jepa, masked_distill, masked_pixel"):
+                                          r"'masked_pixel'\?; registered: contrastive, distill, image_to_lidar, jepa, masked_distill, "
+                                          r"masked_pixel"):
         validate(composed, components)
 
 

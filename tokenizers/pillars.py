@@ -138,6 +138,9 @@ class PillarTokenizer(nn.Module):
     a max-pool per pillar, then LayerNorm + ReLU and a projection to ``dim``. Positions are the pillars' integer cells ``(row, col)``, so ``sincos``
     and ``learned`` positional encodings work (``grid_size = (ny, nx)``).
 
+    ``Tokens.source`` gives each input point's token (-1: out of range or padding), so per-point
+    labels and camera projections map onto tokens.
+
     Targets: for each pillar, up to ``max_points`` of its points as ``(dx, dy, dz, valid)`` slots,
     flattened to ``max_points * 4``. ``dx, dy, dz`` are offsets from the pillar's centre in units
     of its half extent (each axis in [-1, 1), so height does not outweigh the footprint); empty
@@ -225,8 +228,11 @@ class PillarTokenizer(nn.Module):
         token_padding = torch.ones(b * m, dtype=torch.bool, device=points.device).index_fill_(0, flat, False)
         targets = self._targets(local, xyz, a.pillar, count, s)
         targets = targets.new_zeros(b * m, self.target_dim).index_copy_(0, flat, targets).view(b, m, -1)
+        # each input point's token (its pillar's slot), -1 for points out of range or padding
+        source = torch.full((b * n,), -1, dtype=torch.long, device=points.device)
+        source = source.index_copy_(0, a.point, a.slot.index_select(0, a.pillar)).view(b, n)
         return Tokens(x=x, pos=pos, padding=token_padding.view(b, m), grid=self.grid_size, targets=targets,
-                      modality="points")
+                      modality="points", source=source)
 
     def _targets(self, local: Tensor, xyz: Tensor, pillar: Tensor, count: Tensor, s: int) -> Tensor:
         """``[S, max_points * 4]``: each pillar's first ``max_points`` points by (pillar, hash)."""

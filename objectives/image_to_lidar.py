@@ -1,0 +1,108 @@
+"""Image-to-lidar distillation through the camera-lidar calibration (SLidR: Sautier et al., CVPR 2022,
+"Image-to-Lidar Self-Supervised Distillation for Autonomous Driving Data"; ScaLR: Puy et al.,
+CVPR 2024, "Three Pillars improving Vision Foundation Model Distillation for Lidar").
+
+A teacher encodes a camera image of the scene; each lidar point that projects into the image
+picks up the teacher's feature of the patch it lands in, and those are averaged over the points
+of each lidar token. The lidar student's token features (through a projection head) are trained
+to match them: cosine regression (ScaLR) or token-level InfoNCE against the other tokens of the
+batch (SLidR, with tokens in place of superpixels).
+
+The scene sample carries the calibration: ``<camera>/intrinsics [3, 3]``, ``<camera>/extrinsics``
+``[4, 4]`` (camera to ego), ``<lidar>/extrinsics [4, 4]`` (lidar to ego), the lidar points
+``<lidar> [N, C]`` (x, y, z first, in the lidar frame) and the image ``<camera> [3, H, W]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.geometry import link_tokens_to_patches, pool_patch_features, points_to_patches, project_points, to_ego
+from ..core.objective import Batch, ObjectiveOutput
+from ..core.teachers import teacher_encode
+
+__all__ = ["ImageToLidar", "LOSSES"]
+
+LOSSES = ("cosine", "infonce")
+
+
+class ImageToLidar(nn.Module):
+    """Distil a camera teacher's patch features into the lidar student's tokens.
+
+    Args:
+        dim: the student's width (given by the trainer).
+        tokenizer: the stage sensor's tokenizer (given by the trainer); it must record each
+            point's token (`Tokens.source`), as the pillar tokenizer does.
+        teacher_dim: the teacher's width (given by the trainer).
+        camera: the camera sensor the teacher encodes (a sample field).
+        sensor: the lidar sensor, the stage's (given by the trainer; None: the backbone's first).
+        loss: ``cosine`` (1 - cosine similarity, per covered token) or ``infonce``.
+        temperature: of ``infonce``.
+        max_tokens: covered tokens of the batch ``infonce`` scores against each other (a random
+            subset when there are more), which bounds its ``[T, T]`` logits.
+        hidden: width of the projection head's hidden layer (0: a single linear layer).
+    """
+
+    needs_teacher = True
+    needs_mask = False
+
+    def __init__(self, dim: int, tokenizer: nn.Module, teacher_dim: Optional[int] = None, camera: str = "cam_front",
+                 sensor: Optional[str] = None, loss: str = "cosine", temperature: float = 0.07, max_tokens: int = 4096,
+                 hidden: int = 0) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"image_to_lidar loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if not 0.0 < temperature <= 1.0:
+            raise ValueError(f"image_to_lidar temperature must be in (0, 1], got {temperature}")
+        if max_tokens < 2 or hidden < 0:
+            raise ValueError(f"image_to_lidar needs max_tokens >= 2 and hidden >= 0, got {max_tokens} and {hidden}")
+        if camera == sensor:
+            raise ValueError(f"image_to_lidar camera {camera!r} is the stage's own sensor: name the camera sensor")
+        out = teacher_dim or dim
+        self.camera, self.sensor, self.loss, self.temperature, self.max_tokens = camera, sensor, loss, temperature, max_tokens
+        self.head = nn.Linear(dim, out) if hidden == 0 else nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+    def targets(self, batch: Batch, teacher: Any, lidar: str) -> tuple[Tensor, Tensor]:
+        """Each lidar token's pooled teacher feature ``[B, T, Dt]`` and whether any of its points
+        landed in the image ``[B, T]``."""
+        raw, tokens = batch.raw, batch.tokens
+        if tokens.source is None:
+            raise ValueError("image_to_lidar needs a lidar tokenizer that records each point's token (Tokens.source), "
+                             "such as pillars")
+        image = raw[self.camera]
+        seen = teacher_encode(batch, teacher, sensor=self.camera).tokens
+        if seen.grid is None or len(seen.grid) != 2:
+            raise ValueError(f"image_to_lidar: the teacher's tokens of {self.camera!r} have no 2-D patch grid (grid={seen.grid})")
+        size = tuple(image.shape[-2:])
+        patch = (size[0] // seen.grid[0], size[1] // seen.grid[1])
+        xyz = to_ego(raw[lidar][..., :3].float(), raw[f"{lidar}/extrinsics"].float())
+        proj = project_points(xyz, raw[f"{self.camera}/intrinsics"].float()[:, None],
+                              raw[f"{self.camera}/extrinsics"].float()[:, None], size, raw.get(f"{lidar}_padding"))
+        patches = points_to_patches(proj, patch, size)
+        link = link_tokens_to_patches(tokens.source, patches, tokens.num_tokens, seen.grid[0] * seen.grid[1])
+        return pool_patch_features(seen.x.float()[:, None], link, tokens.num_tokens)
+
+    def forward(self, batch: Batch, student: Any, teacher: Any = None) -> ObjectiveOutput:
+        lidar = self.sensor or student.sensor
+        target, covered = self.targets(batch, teacher, lidar)
+        encoded = student.encode(batch.tokens)
+        pred = self.head(encoded.tokens.x).float()
+        if batch.tokens.padding is not None:
+            covered = covered & ~batch.tokens.padding
+        n = covered.sum()
+        pred, target = F.normalize(pred[covered], dim=-1), F.normalize(target[covered], dim=-1)
+        if self.loss == "cosine":
+            loss = (1 - (pred * target).sum(-1)).sum() / n.clamp_min(1)
+        else:
+            if pred.shape[0] > self.max_tokens:  # a seeded subset keeps the logits bounded
+                keep = torch.randperm(pred.shape[0], generator=batch.generator)[:self.max_tokens].to(pred.device)
+                pred, target = pred[keep], target[keep]
+            logits = pred @ target.T / self.temperature
+            loss = F.cross_entropy(logits, torch.arange(len(pred), device=pred.device)) if len(pred) else logits.sum()
+        # a batch whose points all miss the camera gives no target: a zero loss, counted in coverage
+        coverage = covered.float().sum() / batch.tokens.valid().float().sum().clamp_min(1)
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "coverage": coverage.detach()})

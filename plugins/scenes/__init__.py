@@ -1,0 +1,11 @@
+"""Multi-sensor scenes: generated streets seen by a calibrated front camera and roof lidar at once
+(``street_scenes``); ``modality=street_scenes`` is its config (``configs/modality/``), whose
+backbone tokenizes both sensors. The geometry that links them is in `anymodal.core.geometry`."""
+
+from .. import hookimpl
+from . import data
+
+
+@hookimpl
+def register_datasets():
+    return {"street_scenes": data.StreetScenesDataset}
