@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import DataError
+
 __all__ = ["collate", "pad_ragged", "AugmentedDataset", "StepBatchSampler", "make_loader", "mix_seed", "cache_dir",
            "report_skipped"]
 
@@ -55,6 +57,14 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     if not samples:
         raise ValueError("cannot collate an empty batch")
+    fields = set(samples[0])
+    for i, sample in enumerate(samples[1:], start=1):
+        if set(sample) != fields:  # a scene frame missing a sensor: name the frame and the fields
+            name = f"frame {sample['frame']!r}" if "frame" in sample else f"sample {i} of the batch"
+            missing, extra = sorted(fields - set(sample)), sorted(set(sample) - fields)
+            raise DataError(f"{name} has other fields than the batch's first sample: "
+                            + "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
+                                                    f"extra {', '.join(extra)}" if extra else "") if p))
     out: dict[str, Any] = {}
     for key in samples[0]:
         values = [s[key] for s in samples]

@@ -26,34 +26,39 @@ def to_ego(points: Tensor, extrinsics: Tensor) -> Tensor:
     return points @ extrinsics[:, :3, :3].transpose(1, 2) + extrinsics[:, None, :3, 3]
 
 
-def check_calibration(intrinsics: Tensor, extrinsics: Tensor, frames: Optional[Sequence[str]] = None,
+def check_calibration(intrinsics: Optional[Tensor], extrinsics: Tensor, frames: Optional[Sequence[str]] = None,
                       sensors: Optional[Sequence[str]] = None, tolerance: float = 1e-3) -> None:
-    """Refuse calibrations that would project nonsense: ``intrinsics [B, C, 3, 3]`` must be finite
-    with positive focal lengths and last row ``[0, 0, 1]``; ``extrinsics [B, C, 4, 4]`` a rigid
-    transform (orthonormal rotation, last row ``[0, 0, 0, 1]``).
+    """Refuse calibrations that would project nonsense: ``intrinsics [B, C, 3, 3]`` (None for sensors
+    that are not cameras) must be finite with positive focal lengths and last row ``[0, 0, 1]``;
+    ``extrinsics [B, C, 4, 4]`` a rigid transform (orthonormal rotation, last row ``[0, 0, 0, 1]``).
 
     Raises:
         DataError: naming the first bad frame (``frames[b]``) and camera (``sensors[c]``).
     """
-    k, e = intrinsics.double(), extrinsics.double()
+    e = extrinsics.double()
     eye = torch.eye(3, dtype=torch.float64, device=e.device)
     rotation = e[..., :3, :3]
-    checks = {
-        "intrinsics are not finite": ~k.isfinite().flatten(-2).all(-1),
-        "intrinsics need positive focal lengths fx, fy": ~((k[..., 0, 0] > 0) & (k[..., 1, 1] > 0)),
-        "intrinsics' last row must be [0, 0, 1]": (k[..., 2, :] - k.new_tensor([0.0, 0.0, 1.0])).abs().amax(-1) > tolerance,
+    checks = {}
+    if intrinsics is not None:
+        k = intrinsics.double()
+        checks = {
+            "intrinsics are not finite": ~k.isfinite().flatten(-2).all(-1),
+            "intrinsics need positive focal lengths fx, fy": ~((k[..., 0, 0] > 0) & (k[..., 1, 1] > 0)),
+            "intrinsics' last row must be [0, 0, 1]": (k[..., 2, :] - k.new_tensor([0.0, 0.0, 1.0])).abs().amax(-1) > tolerance,
+        }
+    checks |= {
         "extrinsics are not finite": ~e.isfinite().flatten(-2).all(-1),
         "extrinsics' rotation is not orthonormal (singular or scaled)":
             (rotation @ rotation.transpose(-1, -2) - eye).abs().flatten(-2).amax(-1).nan_to_num(1.0) > tolerance,
         "extrinsics' last row must be [0, 0, 0, 1]":
             (e[..., 3, :] - e.new_tensor([0.0, 0.0, 0.0, 1.0])).abs().amax(-1) > tolerance,
     }
-    for problem, bad in checks.items():
-        if bool(bad.any()):
-            b, c = (int(i) for i in bad.nonzero()[0])
-            frame = frames[b] if frames is not None else f"batch item {b}"
-            sensor = sensors[c] if sensors is not None else f"camera {c}"
-            raise DataError(f"frame {frame}, {sensor}: {problem}")
+    bad = torch.stack(list(checks.values()))  # [checks, B, C]: one host sync when all is well
+    if bool(bad.any()):
+        which, b, c = (int(i) for i in bad.nonzero()[0])
+        frame = frames[b] if frames is not None else f"batch item {b}"
+        sensor = sensors[c] if sensors is not None else f"camera {c}"
+        raise DataError(f"frame {frame}, {sensor}: {list(checks)[which]}")
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.geometry import link_tokens_to_patches, pool_patch_features, points_to_patches, project_points, to_ego
+from ..core.errors import DataError
+from ..core.geometry import check_calibration, link_tokens_to_patches, pool_patch_features, points_to_patches, project_points, to_ego
 from ..core.objective import Batch, ObjectiveOutput
 from ..core.teachers import teacher_encode
 
@@ -45,6 +46,12 @@ class ImageToLidar(nn.Module):
         max_tokens: covered tokens of the batch ``infonce`` scores against each other (a random
             subset when there are more), which bounds its ``[T, T]`` logits.
         hidden: width of the projection head's hidden layer (0: a single linear layer).
+        max_time_offset: seconds the camera's and the lidar's timestamps (``<sensor>/timestamp``,
+            where the samples have them) may differ within a frame.
+
+    A frame whose calibration is not a camera (or rigid transform), or whose sensors were
+    recorded too far apart, stops the run with an error naming the frame and sensor; a frame whose
+    points all miss the image gives no target and is counted (``uncovered_frames``).
     """
 
     needs_teacher = True
@@ -52,7 +59,7 @@ class ImageToLidar(nn.Module):
 
     def __init__(self, dim: int, tokenizer: nn.Module, teacher_dim: Optional[int] = None, camera: str = "cam_front",
                  sensor: Optional[str] = None, loss: str = "cosine", temperature: float = 0.07, max_tokens: int = 4096,
-                 hidden: int = 0) -> None:
+                 hidden: int = 0, max_time_offset: float = 0.05) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"image_to_lidar loss must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -60,10 +67,13 @@ class ImageToLidar(nn.Module):
             raise ValueError(f"image_to_lidar temperature must be in (0, 1], got {temperature}")
         if max_tokens < 2 or hidden < 0:
             raise ValueError(f"image_to_lidar needs max_tokens >= 2 and hidden >= 0, got {max_tokens} and {hidden}")
+        if not max_time_offset >= 0:
+            raise ValueError(f"image_to_lidar max_time_offset must be >= 0 seconds, got {max_time_offset}")
         if camera == sensor:
             raise ValueError(f"image_to_lidar camera {camera!r} is the stage's own sensor: name the camera sensor")
         out = teacher_dim or dim
         self.camera, self.sensor, self.loss, self.temperature, self.max_tokens = camera, sensor, loss, temperature, max_tokens
+        self.max_time_offset = max_time_offset
         self.head = nn.Linear(dim, out) if hidden == 0 else nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
 
     def targets(self, batch: Batch, teacher: Any, lidar: str) -> tuple[Tensor, Tensor]:
@@ -73,6 +83,7 @@ class ImageToLidar(nn.Module):
         if tokens.source is None:
             raise ValueError("image_to_lidar needs a lidar tokenizer that records each point's token (Tokens.source), "
                              "such as pillars")
+        self.check_frames(raw, lidar)
         image = raw[self.camera]
         seen = teacher_encode(batch, teacher, sensor=self.camera).tokens
         if seen.grid is None or len(seen.grid) != 2:
@@ -85,6 +96,21 @@ class ImageToLidar(nn.Module):
         patches = points_to_patches(proj, patch, size)
         link = link_tokens_to_patches(tokens.source, patches, tokens.num_tokens, seen.grid[0] * seen.grid[1])
         return pool_patch_features(seen.x.float()[:, None], link, tokens.num_tokens)
+
+    def check_frames(self, raw: dict, lidar: str) -> None:
+        """Calibrations that are cameras and rigid transforms, and sensors recorded together."""
+        frames = raw.get("frame")
+        check_calibration(raw[f"{self.camera}/intrinsics"][:, None], raw[f"{self.camera}/extrinsics"][:, None], frames,
+                          [self.camera])
+        check_calibration(None, raw[f"{lidar}/extrinsics"][:, None], frames, [lidar])
+        times = [raw.get(f"{s}/timestamp") for s in (self.camera, lidar)]
+        if all(isinstance(t, Tensor) for t in times):
+            apart = (times[0].double() - times[1].double()).abs()
+            if bool((apart > self.max_time_offset).any()):
+                b = int(apart.argmax())
+                frame = frames[b] if frames is not None else f"batch item {b}"
+                raise DataError(f"frame {frame}: {self.camera} and {lidar} were recorded {float(apart[b]):.3f} s apart, "
+                                f"more than image_to_lidar max_time_offset={self.max_time_offset} s")
 
     def forward(self, batch: Batch, student: Any, teacher: Any = None) -> ObjectiveOutput:
         lidar = self.sensor or student.sensor
@@ -105,4 +131,5 @@ class ImageToLidar(nn.Module):
             loss = F.cross_entropy(logits, torch.arange(len(pred), device=pred.device)) if len(pred) else logits.sum()
         # a batch whose points all miss the camera gives no target: a zero loss, counted in coverage
         coverage = covered.float().sum() / batch.tokens.valid().float().sum().clamp_min(1)
-        return ObjectiveOutput(loss, {"loss": loss.detach(), "coverage": coverage.detach()})
+        uncovered = (~covered.any(1)).float().sum()
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "coverage": coverage.detach(), "uncovered_frames": uncovered})

@@ -125,6 +125,16 @@ def test_two_stage_recipe_with_stage_teacher_runs_on_two_ranks(tmp_path):
     assert torch.isfinite(torch.tensor([l for _, _, l in losses(tmp_path / "run")])).all()
 
 
+def test_scene_recipe_runs_on_two_ranks(tmp_path):
+    """Each stage trains one sensor of a two-sensor backbone: the other sensor's tokenizer takes no part
+    in the step, which DDP's static graph accepts on every rank alike."""
+    torchrun("train", "tiny-test", "modality=street_scenes", "data.batch_size=4", "data.train.size=16",
+             "recipe=scene_two_stage", "recipe.stages.*.steps=3", "run.threads=1", "--run-dir", tmp_path / "run")
+    rows = losses(tmp_path / "run")
+    assert [stage for stage, _, _ in rows] == ["camera"] * 3 + ["lidar"] * 3
+    assert torch.isfinite(torch.tensor([l for _, _, l in rows])).all()
+
+
 def test_fsdp_sigterm_writes_shards_and_resumes_exactly(tmp_path):
     """FSDP with an EMA teacher (sharded like the student): SIGTERM to torchrun reaches both ranks,
     each writes its shards; the resumed run repeats the uninterrupted one step for step, and the

@@ -114,3 +114,51 @@ def test_segmentation_probe_separable_and_random() -> None:
     noise = torch.randn(3000, 8, generator=g)
     chance = segmentation_probe(noise[:2000], y[:2000], noise[2000:], y[2000:], classes=5)
     assert chance["miou"] < 0.2
+
+
+# ---- bad frames ----------------------------------------------------------------------------------
+
+
+def _run(raw):
+    student, teacher = backbone(0), BackboneTeacher(backbone(1))
+    objective = ImageToLidar(DIM, student.tokenizer, teacher_dim=DIM, sensor="lidar_top", max_time_offset=0.05)
+    return objective(Batch(raw, student.tokenize(raw), None, torch.Generator().manual_seed(0)), student, teacher)
+
+
+def test_singular_calibration_names_frame_and_sensor(raw) -> None:
+    from anymodal.core.errors import DataError
+
+    bad = dict(raw, **{"cam_front/extrinsics": raw["cam_front/extrinsics"].clone()})
+    bad["cam_front/extrinsics"][1, :3, :3] = 0.0
+    with pytest.raises(DataError, match="frame train/000003, cam_front: extrinsics' rotation is not orthonormal"):
+        _run(bad)
+    bad = dict(raw, **{"lidar_top/extrinsics": raw["lidar_top/extrinsics"].clone()})
+    bad["lidar_top/extrinsics"][0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="frame train/000000, lidar_top: extrinsics are not finite"):
+        _run(bad)
+
+
+def test_sensors_recorded_apart_are_refused(raw) -> None:
+    from anymodal.core.errors import DataError
+
+    late = dict(raw, **{"lidar_top/timestamp": raw["lidar_top/timestamp"] + torch.tensor([0.0, 0.5], dtype=torch.float64)})
+    with pytest.raises(DataError, match=r"frame train/000003: cam_front and lidar_top were recorded 0\.5\d* s apart"):
+        _run(late)
+
+
+def test_points_behind_the_camera_are_counted_not_fatal(raw) -> None:
+    behind = dict(raw, lidar_top=raw["lidar_top"].clone())
+    behind["lidar_top"][0, :, 0] = -behind["lidar_top"][0, :, 0].abs() - 5.0  # frame 0: every point behind the camera
+    out = _run(behind)
+    assert out.metrics["uncovered_frames"].item() == 1.0 and torch.isfinite(out.loss)
+    assert out.metrics["coverage"].item() > 0  # frame 1 still gives targets
+
+
+def test_a_frame_missing_a_sensor_is_named() -> None:
+    from anymodal.core.errors import DataError
+
+    data = StreetScenesDataset("train", size=8)
+    frames = [data[0], data[1]]
+    del frames[1]["cam_front"]
+    with pytest.raises(DataError, match="frame 'train/000001' has other fields than the batch's first sample: missing cam_front"):
+        collate(frames)
