@@ -99,10 +99,12 @@ def project_points(xyz: Tensor, intrinsics: Tensor, extrinsics: Tensor, image_si
 def points_to_patches(projection: Projection, patch_size: Sequence[int], image_size: Sequence[int]) -> Tensor:
     """``[B, C, N]`` the flat patch index (``row * W_patches + col``) each point lands in, -1 where not valid."""
     ph, pw = patch_size
-    cols = image_size[1] // pw
+    rows, cols = image_size[0] // ph, image_size[1] // pw
     row = torch.div(projection.uv[..., 1], ph, rounding_mode="floor").long()
     col = torch.div(projection.uv[..., 0], pw, rounding_mode="floor").long()
-    return torch.where(projection.valid, row * cols + col, torch.full_like(row, -1))
+    # an image that is not a whole number of patches leaves strips at the bottom and right: no patch
+    inside = projection.valid & (row < rows) & (col < cols)
+    return torch.where(inside, row * cols + col, torch.full_like(row, -1))
 
 
 @dataclass
@@ -149,6 +151,6 @@ def pool_patch_features(patch_features: Tensor, link: TokenPatchLink, num_tokens
     ``([B, T, D], covered [B, T])``; zeros where a token is not covered. Differentiable in the features."""
     b, c, p, d = patch_features.shape
     picked = patch_features.reshape(b * c * p, d).index_select(0, (link.cloud * c + link.camera) * p + link.patch)
-    weighted = picked * link.weight.to(picked.dtype).unsqueeze(-1)
+    weighted = picked.mul_(link.weight.to(picked.dtype).unsqueeze(-1))  # in place: no second [L, D] buffer
     pooled = patch_features.new_zeros(b * num_tokens, d).index_add_(0, link.cloud * num_tokens + link.token, weighted)
     return pooled.view(b, num_tokens, d), link.covered

@@ -83,3 +83,14 @@ def test_profile_of_a_real_step_is_well_formed():
 ])
 def test_profile_groups_gpu_kernels_by_what_they_compute(kernel, expected):
     assert category(kernel) == expected
+
+
+def test_scene_geometry_benchmark_reports_every_op(tmp_path):
+    out = tmp_path / "geometry.md"
+    proc = subprocess.run([sys.executable, str(BENCH / "scene_geometry.py"), "--points", "3000", "--size", "64",
+                           "128", "--repeats", "2", "--dim", "16", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    for op in ("check_calibration", "project_points", "points_to_patches", "link_tokens_to_patches", "pool_patch_features"):
+        assert f"| {op}" in table, table

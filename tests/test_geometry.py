@@ -149,3 +149,14 @@ def test_bad_calibration_names_frame_and_camera(scene) -> None:
     flipped[0, 1, 1, 1] = -60.0
     with pytest.raises(DataError, match="batch item 0, camera 1: intrinsics need positive focal lengths"):
         check_calibration(torch.from_numpy(flipped), torch.from_numpy(ext))
+
+
+def test_strips_beyond_the_last_whole_patch_have_no_patch() -> None:
+    # 40 x 40 pixels in 16-pixel patches: a 2 x 2 grid; pixels 32..39 of either axis are in no patch
+    k = torch.tensor([[[[10.0, 0, 0], [0, 10.0, 0], [0, 0, 1]]]], dtype=torch.float64)
+    e = torch.from_numpy(camera_to_ego(0.0, 0.0, (0, 0, 0)))[None, None]
+    # depth 1: u = -10 y, v = -10 z; (u, v) = (35, 5), (5, 35), (20, 20)
+    pts = torch.tensor([[[1.0, -3.5, -0.5], [1.0, -0.5, -3.5], [1.0, -2.0, -2.0]]], dtype=torch.float64)
+    proj = project_points(pts, k, e, (40, 40))
+    assert proj.valid[0, 0].tolist() == [True, True, True]
+    assert points_to_patches(proj, (16, 16), (40, 40))[0, 0].tolist() == [-1, -1, 3]
