@@ -173,7 +173,7 @@ def test_entry_point_plugin_loaded_in_process(installed: Path) -> None:
     assert components.plugins[PLUGIN_NAME].startswith(f"entry point {PLUGIN_PACKAGE} (anymodal-testplug 0.1.0")
     assert components.versions[PLUGIN_NAME] == "anymodal-testplug 0.1.0"
     assert {components.versions[name] for name in components.builtin} == {"anymodal 0.1.0"}
-    assert components.builtin == {"components", "image", "video", "lidar", "audio", "text"}
+    assert components.builtin == {"components", "image", "video", "lidar", "audio", "text", "scenes"}
     masker = components.masker.build("every_other")
     tokens = Tokens(x=torch.zeros(2, 5, 3), pos=torch.zeros(2, 5, 1, dtype=torch.long),
                     padding=torch.tensor([[False] * 5, [False] * 4 + [True]]))
@@ -480,7 +480,7 @@ def test_cli_lists_builtin_kinds(tmp_path: Path) -> None:
     for name, plugin in (("image_patch", "image"), ("digits", "image"), ("random_resized_crop", "image"),
                          ("tubelet", "video"), ("random", "components"), ("masked_pixel", "components")):
         assert any(line.split() == [name, "from", plugin, "(anymodal", "0.1.0)"] for line in lines), proc.stdout
-    for plugin in ("components", "image", "video", "lidar", "audio", "text"):  # loaded with autoload off
+    for plugin in ("components", "image", "video", "lidar", "audio", "text", "scenes"):  # loaded with autoload off
         assert any(line.split() == [plugin, "built", "in", "(anymodal", "0.1.0)"] for line in lines), proc.stdout
 
 
