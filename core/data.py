@@ -59,12 +59,10 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("cannot collate an empty batch")
     fields = set(samples[0])
     for i, sample in enumerate(samples[1:], start=1):
-        if set(sample) != fields:  # a scene frame missing a sensor: name the frame and the fields
+        missing = sorted(fields - set(sample))
+        if missing:  # a scene frame missing a sensor: name the frame and the fields
             name = f"frame {sample['frame']!r}" if "frame" in sample else f"sample {i} of the batch"
-            missing, extra = sorted(fields - set(sample)), sorted(set(sample) - fields)
-            raise DataError(f"{name} has other fields than the batch's first sample: "
-                            + "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
-                                                    f"extra {', '.join(extra)}" if extra else "") if p))
+            raise DataError(f"{name} has other fields than the batch's first sample: missing {', '.join(missing)}")
     out: dict[str, Any] = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
