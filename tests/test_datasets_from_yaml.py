@@ -190,6 +190,8 @@ INPUTS: dict[str, Callable[[Path], Input]] = {
     "shapes": _generated("shapes", "lidar", {}, {"size": 4, "points": 256}),
     "lidar_sweeps": _generated("lidar_sweeps", "lidar_sweep", {"pillar_size": 6.4, "max_points": 8, "hidden": 16},
                                {"size": 2, "beams": 8, "azimuth_steps": 128}),
+    "street_scenes": _shipped("street_scenes", "street_scenes", {"size": 2, "beams": 8, "azimuth_steps": 64,
+                                                                  "image_size": [32, 64]}),
     "audio_manifest": _audio_manifest,
     "spoken_digits": _shipped("spoken_digits", "audio", {"root": SMALL_SPOKEN_DIGITS}),
     "speech_sample": _shipped("speech_sample", "audio", {"max_seconds": 1.5, "root": speech_sample_dir()},
@@ -210,7 +212,9 @@ def _config(modality_file: str, tokenizer: dict, train: dict) -> dict[str, Any]:
     """A whole config with the modality's tokenizer and masker and only this dataset: no default
     dataset keys of the modality file reach it."""
     modality = yaml.safe_load(_modality_file(modality_file).read_text())
-    modality["modality"]["tokenizer"].update({**SMALL_TOKENIZERS.get(modality_file, {}), **tokenizer})
+    small = {**SMALL_TOKENIZERS.get(modality_file, {}), **tokenizer}
+    if small:  # a scene modality's tokenizer is its first sensor's (an interpolation): nothing to shrink
+        modality["modality"]["tokenizer"].update(small)
     return {
         "defaults": {"model": "cpu", "recipe": "mae"},
         "run": {"log_every": 1, "checkpoint_every": 100, "progress": False, "tensorboard": False},
