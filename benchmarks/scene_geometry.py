@@ -25,18 +25,15 @@ import argparse
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lidar_ops import synthetic_sweep  # noqa: E402
+from lidar_ops import _median_ms, synthetic_sweep  # noqa: E402  (one timing loop for both)
 
 from anymodal.core.geometry import (check_calibration, link_tokens_to_patches, points_to_patches,  # noqa: E402
                                     pool_patch_features, project_points)
@@ -60,18 +57,6 @@ def rig(height: int, width: int, frames: int) -> tuple[Tensor, Tensor]:
         m[:3, 3] = torch.tensor([0.0, 0.0, 1.6])
         cams.append(m)
     return k.expand(frames, len(YAWS), 3, 3).float(), torch.stack(cams).expand(frames, -1, -1, -1).float()
-
-
-def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
