@@ -193,7 +193,7 @@ def build_objectives(stage: Any, components: Any, backbone: Backbone,
         if "teacher_dim" in inspect.signature(factory).parameters:
             node.setdefault("teacher_dim", getattr(teacher, "dim", None))
         if "sensor" in inspect.signature(factory).parameters:
-            node.setdefault("sensor", getattr(stage, "sensor", None))
+            node.setdefault("sensor", getattr(stage, "sensor", None) or backbone.sensor)
         dim = backbone.encoder.dim
         node, nested = _build_nested(factory, node, f"objectives.{label}", dim, components)
         modules[label] = components.objective.build(name, dim=dim, tokenizer=backbone.tokenizer_of(getattr(stage, "sensor", None)), **node)

@@ -69,6 +69,10 @@ class Objective(Protocol):
         needs_targets: it reads ``batch.tokens.targets`` (reconstruction targets in input space).
             The trainer sets the tokenizer's `TargetSwitch` to whether any objective of the stage
             does, so a stage without one does not pay for the targets.
+
+    An objective may also have ``check_batch(raw)``: the trainer calls it on each collated batch
+    before the batch moves to the device, so checks that read the data's values (calibration,
+    timestamps) cost no device sync; it raises ``DataError`` naming the frame.
     """
 
     needs_mask: ClassVar[bool]

@@ -74,6 +74,13 @@ class StepForward(nn.Module):
         super().__init__()
         self.backbone, self.objectives, self.weights, self.sensor = backbone, objectives, weights, sensor
 
+    def check_batch(self, raw: dict[str, Any]) -> None:
+        """Each objective's ``check_batch(raw)``, where it has one, on the batch still on the host."""
+        for objective in self.objectives.values():
+            check = getattr(objective, "check_batch", None)
+            if check is not None:
+                check(raw)
+
     def forward(self, raw: dict[str, Any], masker: Optional[Masker], generator: torch.Generator,
                 teacher: Optional[Teacher]) -> tuple[Tensor, dict[str, Any]]:
         """The weighted loss and every objective's metrics as ``"<label>/<name>"`` (tensors or floats)."""
@@ -278,12 +285,14 @@ class StageSetup:
         """One small batch through tokenizer, masker and every objective before the first step, so a field the
         batch lacks is a clear error now, not a KeyError hours in. Leaves no trace: no gradients, RNG restored."""
         samples = [dataset[(i, 0)] for i in range(min(2, len(dataset)))]
-        raw = to_device(collate(samples), self.device)
+        host = collate(samples)
+        raw = to_device(host, self.device)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         modules = [m for m in (model, teacher) if m is not None]
         buffers = [{k: b.clone() for k, b in m.named_buffers()} for m in modules]  # forwards may count calls
         with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast(), _restored(modules, buffers):
             try:
+                model.check_batch(host)
                 model(raw, masker, torch.Generator().manual_seed(0), teacher)
             except KeyError as e:
                 raise DataError(f"stage {name!r}: a tokenizer or objective needs batch field {e.args[0]!r}, which the "

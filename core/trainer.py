@@ -270,6 +270,7 @@ class Trainer:
         """One optimizer step. Returns the step's metrics (the loss and the objectives' averaged over
         ranks, as floats; ``grad_norm`` as it came, read when the step is logged) and whether to stop
         for a signal."""
+        run.model.check_batch(raw)
         loss, metrics = self._forward(run, to_device(raw, self.device))
         # the one host sync of a step: loss and metrics averaged over ranks, the signal flag ORed
         values, stop = mean_over_ranks([loss.detach(), *metrics.values()], flag=self.signals.received)

@@ -83,7 +83,6 @@ class ImageToLidar(nn.Module):
         if tokens.source is None:
             raise ValueError("image_to_lidar needs a lidar tokenizer that records each point's token (Tokens.source), "
                              "such as pillars")
-        self.check_frames(raw, lidar)
         image = raw[self.camera]
         seen = teacher_encode(batch, teacher, sensor=self.camera).tokens
         if seen.grid is None or len(seen.grid) != 2:
@@ -97,12 +96,20 @@ class ImageToLidar(nn.Module):
         link = link_tokens_to_patches(tokens.source, patches, tokens.num_tokens, seen.grid[0] * seen.grid[1])
         return pool_patch_features(seen.x.float()[:, None], link, tokens.num_tokens)
 
-    def check_frames(self, raw: dict, lidar: str) -> None:
-        """Calibrations that are cameras and rigid transforms, and sensors recorded together."""
+    def check_batch(self, raw: dict) -> None:
+        """Calibrations that are cameras and rigid transforms, and sensors recorded together; run by
+        the trainer on the batch while it is on the host, where reading it costs no device sync."""
+        lidar = self.sensor
+        needed = [f"{self.camera}/intrinsics", f"{self.camera}/extrinsics", *([f"{lidar}/extrinsics"] if lidar else [])]
+        missing = [key for key in needed if key not in raw]
+        if missing:
+            raise DataError(f"image_to_lidar needs the scene fields {', '.join(missing)}, which the batch does not have "
+                            f"(it has: {', '.join(sorted(raw))})")
         frames = raw.get("frame")
-        check_calibration(raw[f"{self.camera}/intrinsics"][:, None], raw[f"{self.camera}/extrinsics"][:, None], frames,
-                          [self.camera])
-        check_calibration(None, raw[f"{lidar}/extrinsics"][:, None], frames, [lidar])
+        check_calibration(raw[needed[0]][:, None], raw[needed[1]][:, None], frames, [self.camera])
+        if lidar is None:
+            return
+        check_calibration(None, raw[needed[2]][:, None], frames, [lidar])
         times = [raw.get(f"{s}/timestamp") for s in (self.camera, lidar)]
         if all(isinstance(t, Tensor) for t in times):
             apart = (times[0].double() - times[1].double()).abs()
@@ -119,11 +126,11 @@ class ImageToLidar(nn.Module):
         pred = self.head(encoded.tokens.x).float()
         if batch.tokens.padding is not None:
             covered = covered & ~batch.tokens.padding
-        n = covered.sum()
-        pred, target = F.normalize(pred[covered], dim=-1), F.normalize(target[covered], dim=-1)
-        if self.loss == "cosine":
-            loss = (1 - (pred * target).sum(-1)).sum() / n.clamp_min(1)
+        if self.loss == "cosine":  # masked, not indexed: no device sync
+            cosine = (F.normalize(pred, dim=-1) * F.normalize(target, dim=-1)).sum(-1)
+            loss = ((1 - cosine) * covered).sum() / covered.sum().clamp_min(1)
         else:
+            pred, target = F.normalize(pred[covered], dim=-1), F.normalize(target[covered], dim=-1)
             if pred.shape[0] > self.max_tokens:  # a seeded subset keeps the logits bounded
                 keep = torch.randperm(pred.shape[0], generator=batch.generator)[:self.max_tokens].to(pred.device)
                 pred, target = pred[keep], target[keep]

@@ -122,6 +122,7 @@ def test_segmentation_probe_separable_and_random() -> None:
 def _run(raw):
     student, teacher = backbone(0), BackboneTeacher(backbone(1))
     objective = ImageToLidar(DIM, student.tokenizer, teacher_dim=DIM, sensor="lidar_top", max_time_offset=0.05)
+    objective.check_batch(raw)  # as the trainer does, on the host
     return objective(Batch(raw, student.tokenize(raw), None, torch.Generator().manual_seed(0)), student, teacher)
 
 
@@ -162,3 +163,27 @@ def test_a_frame_missing_a_sensor_is_named() -> None:
     del frames[1]["cam_front"]
     with pytest.raises(DataError, match="frame 'train/000001' has other fields than the batch's first sample: missing cam_front"):
         collate(frames)
+
+
+def test_the_stage_checks_calibration_on_the_host_copy_of_each_batch(raw) -> None:
+    # what the trainer runs before moving a batch to the device (and in its dry run): the objective
+    # built from the recipe, with the stage's sensor injected, refuses the bad frame by name
+    from anymodal.core.build import build_backbone, build_objectives
+    from anymodal.core.config import compose
+    from anymodal.core.errors import DataError
+    from anymodal.core.stage import StepForward
+    from anymodal.plugins.manager import load_components
+
+    components = load_components()
+    cfg = compose("tiny-test", ["modality=street_scenes", "recipe=image_to_lidar"]).cfg
+    student = build_backbone(cfg, components)
+    stage = cfg.recipe.stages.distill
+    objectives, weights = build_objectives(stage, components, student, BackboneTeacher(build_backbone(cfg, components)))
+    model = StepForward(student, objectives, weights, stage.sensor)
+    model.check_batch(raw)
+    bad = dict(raw, **{"lidar_top/extrinsics": raw["lidar_top/extrinsics"].clone()})
+    bad["lidar_top/extrinsics"][1, 3, 0] = 1.0
+    with pytest.raises(DataError, match=r"frame train/000003, lidar_top: extrinsics' last row must be \[0, 0, 0, 1\]"):
+        model.check_batch(bad)
+    with pytest.raises(DataError, match="image_to_lidar needs the scene fields cam_front/intrinsics"):
+        model.check_batch({k: v for k, v in raw.items() if k != "cam_front/intrinsics"})

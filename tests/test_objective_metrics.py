@@ -7,21 +7,30 @@ import math
 import pytest
 import torch
 
+from anymodal.core.data import collate
 from anymodal.core.masking import RandomMasker
 from anymodal.core.objective import Batch, ObjectiveOutput, TargetSwitch, reads_targets
-from anymodal.core.teachers import MovingTeacher
+from anymodal.core.teachers import BackboneTeacher, MovingTeacher
 from anymodal.core.trainer import _floats
 from anymodal.plugins.manager import load_components
+from anymodal.plugins.scenes.data import StreetScenesDataset
+from test_image_to_lidar import backbone as scene_backbone
 from test_jepa_distill import DIM, images, tiny_backbone
 
 COMPONENTS = load_components()
 # contrastive's metrics become tensors in its own change; until then it returns floats, which the
 # trainer accepts too: its values are checked to be numbers, not tensors
 FLOAT_METRICS_FOR_NOW = {"contrastive"}
-KWARGS = {"contrastive": {"pair": "views", "embed_dim": 16}}
+KWARGS = {"contrastive": {"pair": "views", "embed_dim": 16},
+          "image_to_lidar": {"sensor": "lidar_top", "teacher_dim": DIM}}
+# objectives that read a scene (several calibrated sensors) are checked on a street scene
+SCENE_OBJECTIVES = {"image_to_lidar"}
 
 
 def _batch(student, name):
+    if name in SCENE_OBJECTIVES:
+        raw = collate([StreetScenesDataset("train", size=4)[i] for i in (0, 1)])
+        return Batch(raw, student.tokenize(raw), None, torch.Generator().manual_seed(0))
     raw = {"image": images()}
     if name == "contrastive":
         raw["image_view2"] = images(seed=1)
@@ -36,9 +45,14 @@ def _no_host_sync(*args, **kwargs):
 
 @pytest.mark.parametrize("name", COMPONENTS.objective.names())
 def test_objective_forward_returns_detached_tensor_metrics_without_a_host_sync(name, monkeypatch):
-    student = tiny_backbone()
+    student = scene_backbone(0) if name in SCENE_OBJECTIVES else tiny_backbone()
     factory = COMPONENTS.objective.entry(name).factory
-    teacher = COMPONENTS.teacher.build("ema", student=student) if getattr(factory, "needs_teacher", False) else None
+    if name in SCENE_OBJECTIVES:
+        teacher = BackboneTeacher(scene_backbone(1))
+    elif getattr(factory, "needs_teacher", False):
+        teacher = COMPONENTS.teacher.build("ema", student=student)
+    else:
+        teacher = None
     objective = COMPONENTS.objective.build(name, dim=DIM, tokenizer=student.tokenizer, **KWARGS.get(name, {}))
     batch = _batch(student, name)
     if name not in FLOAT_METRICS_FOR_NOW:
