@@ -16,11 +16,12 @@ __all__ = ["Backbone", "SensorInput"]
 
 class SensorInput(nn.Module):
     """A further sensor of a scene sample: its tokenizer and the positional encoding of its positions
-    (which may have other axes than the first sensor's, whose encoding the encoder owns)."""
+    (which may have other axes than the first sensor's, whose encoding the encoder owns), and its
+    own encoder when the sensors do not share one (None: the backbone's)."""
 
-    def __init__(self, tokenizer: nn.Module, posenc: nn.Module) -> None:
+    def __init__(self, tokenizer: nn.Module, posenc: nn.Module, encoder: Optional[Encoder] = None) -> None:
         super().__init__()
-        self.tokenizer, self.posenc = tokenizer, posenc
+        self.tokenizer, self.posenc, self.encoder = tokenizer, posenc, encoder
 
 
 class Backbone(nn.Module):
@@ -29,8 +30,9 @@ class Backbone(nn.Module):
     One sensor (the usual case): ``tokenizer`` reads ``batch[tokenizer.input_key]``. A scene sample
     holds several sensors, each a sample field of its own name (``cam_front``, ``lidar_top``):
     ``sensor`` names the field ``tokenizer`` reads and ``others`` the further sensors. Every
-    sensor's tokens then go through the one encoder with a learned per-sensor embedding added, and
-    carry their sensor's name (`Tokens.sensor`) so `encode` uses their positional encoding.
+    sensor's tokens then go through the one encoder (or the sensor's own, where it has one) with a
+    learned per-sensor embedding added, and carry their sensor's name (`Tokens.sensor`) so `encode`
+    uses their positional encoding and encoder.
 
     Args:
         tokenizer: the first sensor's tokenizer.
@@ -81,8 +83,11 @@ class Backbone(nn.Module):
 
     def encode(self, tokens: Tokens, index: Optional[Tensor] = None, layers: int = 0,
                posenc: Optional[nn.Module] = None) -> Encoded:
-        if posenc is None and tokens.sensor:
-            posenc = self.others[tokens.sensor].posenc
+        if tokens.sensor:
+            other = self.others[tokens.sensor]
+            if other.encoder is not None:  # it owns that sensor's positional encoding
+                return other.encoder(tokens, index, layers, posenc)
+            posenc = other.posenc if posenc is None else posenc
         return self.encoder(tokens, index, layers, posenc)
 
     def pool(self, encoded: Encoded) -> Tensor:

@@ -34,7 +34,7 @@ from .registry import nested_components
 from .runfolder import RunFolder
 from .schema import model_shape as encoder_shape  # (width, depth, heads) after the size's defaults
 
-__all__ = ["encoder_shape", "build_backbone", "build_dataset", "build_transforms", "build_masker", "build_objectives",
+__all__ = ["encoder_shape", "build_backbone", "build_dataset", "build_transforms", "build_sensor_transforms", "build_masker", "build_objectives",
            "build_teacher", "stage_objectives", "nested_components", "init_component"]
 
 # a nested component -> how to construct it again, until `init_component` draws its initial weights
@@ -116,7 +116,8 @@ def _build_nested(factory: Callable[..., Any], kwargs: dict, key: str, width: in
 
 def build_backbone(cfg: DictConfig, components: Any) -> Backbone:
     """The student: ``modality.tokenizer`` and the encoder, then each of ``modality.sensors``' tokenizers
-    with a positional encoding of its own (built in that order, so one-sensor weights never change)."""
+    with a positional encoding of its own, and its own encoder with ``model.sensor_encoders: separate``
+    (built in that order, so one-sensor weights never change)."""
     dim, depth, heads = encoder_shape(cfg.model)
 
     def tokenizer_and_posenc(node: Any) -> tuple[nn.Module, nn.Module]:
@@ -124,12 +125,19 @@ def build_backbone(cfg: DictConfig, components: Any) -> Backbone:
         tokenizer = components.tokenizer.build(name, dim=dim, **kwargs)
         return tokenizer, build_posenc(cfg.model.posenc, dim, tokenizer.pos_axes, getattr(tokenizer, "grid_size", None))
 
+    def encoder_of(posenc: nn.Module) -> Encoder:
+        return Encoder(dim, depth, heads, posenc, mlp_ratio=cfg.model.mlp_ratio, drop_path=cfg.model.drop_path,
+                       attn_backend=cfg.model.attn_backend, cls_token=cfg.model.cls_token,
+                       grad_checkpointing=cfg.model.grad_checkpointing)
+
     tokenizer, posenc = tokenizer_and_posenc(cfg.modality.tokenizer)
-    encoder = Encoder(dim, depth, heads, posenc, mlp_ratio=cfg.model.mlp_ratio, drop_path=cfg.model.drop_path,
-                      attn_backend=cfg.model.attn_backend, cls_token=cfg.model.cls_token,
-                      grad_checkpointing=cfg.model.grad_checkpointing)
-    others = {sensor: SensorInput(*tokenizer_and_posenc(node.tokenizer))
-              for sensor, node in cfg.modality.sensors.items() if sensor != cfg.modality.sensor}
+    encoder = encoder_of(posenc)
+    others = {}
+    for sensor, node in cfg.modality.sensors.items():
+        if sensor != cfg.modality.sensor:
+            other_tokenizer, other_posenc = tokenizer_and_posenc(node.tokenizer)
+            own = encoder_of(other_posenc) if cfg.model.sensor_encoders == "separate" else None
+            others[sensor] = SensorInput(other_tokenizer, other_posenc, own)
     return Backbone(tokenizer, encoder, pool=cfg.model.pool, sensor=cfg.modality.sensor or None, others=others)
 
 
@@ -146,12 +154,22 @@ def build_dataset(cfg: DictConfig, split: str, components: Any) -> Dataset:
     return components.dataset.build(name, **kwargs)
 
 
-def build_transforms(cfg: DictConfig, components: Any) -> list:
-    transforms = []
-    for node in cfg.data.transforms:
-        name, kwargs = _split_name(node)
-        transforms.append(components.transform.build(name, **kwargs))
-    return transforms
+def build_transforms(cfg: DictConfig, components: Any, sensor: Optional[str] = None) -> list:
+    """``data.transforms``, then ``sensor``'s own ``modality.sensors.<sensor>.transforms``: those of
+    the field a stage trains on."""
+    own = (cfg.modality.sensors[sensor].get("transforms") or []) if sensor in cfg.modality.sensors else []
+    return [_transform(node, components) for node in [*cfg.data.transforms, *own]]
+
+
+def build_sensor_transforms(cfg: DictConfig, components: Any, skip: Optional[str] = None) -> dict[str, list]:
+    """Each scene sensor's own transforms (``modality.sensors.<sensor>.transforms``) but ``skip``'s."""
+    return {sensor: [_transform(t, components) for t in node.get("transforms") or []]
+            for sensor, node in cfg.modality.sensors.items() if sensor != skip}
+
+
+def _transform(node: Any, components: Any) -> Any:
+    name, kwargs = _split_name(node)
+    return components.transform.build(name, **kwargs)
 
 
 def build_masker(stage: Any, components: Any) -> Any:

@@ -391,7 +391,7 @@ def objective_nodes(stage: Any) -> list[tuple[str, dict, float]]:
     return out
 
 
-SENSOR_KEYS = ("tokenizer", "masker")
+SENSOR_KEYS = ("tokenizer", "masker", "transforms")
 
 
 def _sensors(modality: Mapping) -> list[str]:
@@ -401,7 +401,8 @@ def _sensors(modality: Mapping) -> list[str]:
 
 
 def _sensor_errors(modality: Mapping, components: Any, src: Callable[[str], str], dim: Optional[int]) -> list[str]:
-    """``modality.sensors``: each a mapping of a tokenizer (and a masker); ``modality.sensor`` one of them."""
+    """``modality.sensors``: each a mapping of a tokenizer (and a masker and transforms); ``modality.sensor``
+    one of them."""
     sensors = modality["sensors"]
     if not sensors:
         return []
@@ -421,6 +422,32 @@ def _sensor_errors(modality: Mapping, components: Any, src: Callable[[str], str]
                        else _build_errors(node["tokenizer"], components.tokenizer, f"{key}.tokenizer", src, dim=dim))
         if node.get("masker"):
             errors += _build_errors(node["masker"], components.masker, f"{key}.masker", src)
+        transforms = node.get("transforms") or []
+        if not isinstance(transforms, list):
+            errors.append(f"{key}.transforms (from {src(key)}) must be a list of transforms, got {transforms!r}")
+            continue
+        for i, t in enumerate(transforms):
+            errors += _component_errors(t, components.transform, f"{key}.transforms.{i}", lambda _: src(key), [])
+    return errors
+
+
+def _scene_transform_errors(cfg: Mapping, components: Any, src: Callable[[str], str]) -> list[str]:
+    """A scene's calibration describes the geometry as recorded: a transform that moves pixels or
+    points (its factory's ``moves_geometry``) would silently break every projection between sensors."""
+    if not cfg["modality"]["sensors"]:
+        return []
+    nodes = [(f"data.transforms.{i}", "data.transforms", t) for i, t in enumerate(cfg["data"]["transforms"])]
+    for sensor, node in cfg["modality"]["sensors"].items():
+        if isinstance(node, Mapping) and isinstance(node.get("transforms"), list):
+            key = f"modality.sensors.{sensor}"
+            nodes += [(f"{key}.transforms.{i}", key, t) for i, t in enumerate(node["transforms"])]
+    errors = []
+    for key, file_key, node in nodes:
+        name = node.get("name") if isinstance(node, Mapping) else None
+        if name in components.transform and getattr(components.transform.entry(name).factory, "moves_geometry", False):
+            errors.append(f"{key} ({name}, from {src(file_key)}) moves pixels or points, which the scene's calibration "
+                          f"would then no longer describe; a scene sensor takes transforms that keep its geometry "
+                          f"(photometric, jitter, dropout)")
     return errors
 
 
@@ -450,6 +477,7 @@ def validate(composed: ComposedConfig, components: Any) -> None:
             errors += _component_errors(cfg["data"][split], components.dataset, f"data.{split}", src, ["split"])
     for i, node in enumerate(cfg["data"]["transforms"]):
         errors += _component_errors(node, components.transform, f"data.transforms.{i}", lambda _: src("data.transforms"), [])
+    errors += _scene_transform_errors(cfg, components, src)
     if not cfg["recipe"]["stages"]:
         errors.append(f"recipe {cfg['recipe']['name']!r} (from {src('recipe')}) has no stages")
     earlier: list[str] = []
@@ -471,12 +499,7 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         # a masker that points at another node (${modality.masker}) is checked there
         if resolved_stage["masker"] and not OmegaConf.is_interpolation(stage, "masker"):
             errors += _build_errors(resolved_stage["masker"], components.masker, f"{prefix}.masker", src)
-        sensor = resolved_stage["sensor"]
-        if sensor is not None and sensor not in _sensors(cfg["modality"]):
-            near = closest(sensor, _sensors(cfg["modality"]))
-            errors.append(f"{prefix}.sensor (from {src(prefix + '.sensor')}) names sensor {sensor!r}, which modality "
-                          f"{cfg['modality']['name']!r} does not have (sensors: {', '.join(_sensors(cfg['modality']))})"
-                          + (f"; did you mean {near[0]!r}?" if near else ""))
+        errors += _unknown_sensor(f"{prefix}.sensor", resolved_stage["sensor"], cfg["modality"], src)
         if not resolved_stage["objectives"]:
             errors.append(f"{prefix} (from {src(prefix)}) lists no objectives")
         weight_errors = _weight_errors(resolved_stage, prefix, src)
@@ -485,9 +508,27 @@ def validate(composed: ComposedConfig, components: Any) -> None:
             key = f"{prefix}.objectives.{label}"
             errors += _component_errors(node, components.objective, key, src, ["dim", "tokenizer", "sensor"])
             if node["name"] in components.objective:
-                errors += _nested_errors(components.objective.entry(node["name"]).factory, node, key, components, src)
+                factory = components.objective.entry(node["name"]).factory
+                errors += _nested_errors(factory, node, key, components, src)
+                for arg in getattr(factory, "sensor_args", ()):  # arguments that name another sensor
+                    errors += _unknown_sensor(f"{key}.{arg}", node.get(arg, _default(factory, arg)), cfg["modality"], src)
     if errors:
         raise ConfigError(errors)
+
+
+def _default(factory: Callable[..., Any], arg: str) -> Any:
+    parameter = inspect.signature(factory).parameters.get(arg)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _unknown_sensor(key: str, sensor: Optional[str], modality: Mapping, src: Callable[[str], str]) -> list[str]:
+    """An error when ``key`` names a sensor the modality does not have (None names none)."""
+    sensors = _sensors(modality)
+    if sensor is None or sensor in sensors:
+        return []
+    near = closest(sensor, sensors)
+    return [f"{key} (from {src(key)}) names sensor {sensor!r}, which modality {modality['name']!r} does not have "
+            f"(sensors: {', '.join(sensors)})" + (f"; did you mean {near[0]!r}?" if near else "")]
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

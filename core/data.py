@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -102,13 +102,17 @@ class AugmentedDataset(Dataset):
         key: the sample field they apply to.
         seed: the run's seed.
         views: 2 adds ``<key>_view2``, the same sample augmented independently (two-view objectives).
+        others: other fields' transforms (a scene's other sensors), field -> transforms, each
+            field seeded by a stream of its own; one view each.
     """
 
     def __init__(self, dataset: Dataset, transforms: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
-                 key: str, seed: int, views: int = 1) -> None:
+                 key: str, seed: int, views: int = 1,
+                 others: Optional[Mapping[str, Sequence[Callable[[Tensor, torch.Generator], Tensor]]]] = None) -> None:
         if views not in (1, 2):
             raise ValueError(f"data.views must be 1 or 2, got {views}")
         self.dataset, self.transforms, self.key, self.seed, self.views = dataset, list(transforms), key, seed, views
+        self.others = {field: list(ts) for field, ts in (others or {}).items() if ts}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -119,6 +123,12 @@ class AugmentedDataset(Dataset):
             sample = dict(self.dataset.sample(index, torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, -1))))
         else:
             sample = dict(self.dataset[index])
+        for number, (field, transforms) in enumerate(self.others.items(), start=1):
+            if field not in sample:
+                raise KeyError(f"transforms apply to field {field!r}, but the dataset's samples have {sorted(sample)}")
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, 0, number))
+            for t in transforms:
+                sample[field] = t(sample[field], generator)
         if not self.transforms and self.views == 1:
             return sample
         if self.key not in sample:

@@ -155,7 +155,8 @@ def probe(backbone: Backbone, train: Dataset, test: Dataset, ev: Any, device: to
 @torch.no_grad()
 def retrieval(objective: nn.Module, backbone: Backbone, dataset: Dataset, batch_size: int,
               device: torch.device, progress: Optional[str] = None) -> dict[str, float]:
-    """Zero-shot retrieval R@1/R@5 both ways between samples and their partners (captions).
+    """Zero-shot retrieval R@1/R@5 both ways between samples and their partners (captions, or another
+    sensor of the same frame).
 
     Identical captions are interchangeable: retrieving any sample whose caption equals the query's
     counts as a hit (label-derived captions repeat, which makes this zero-shot classification).
@@ -167,7 +168,11 @@ def retrieval(objective: nn.Module, backbone: Backbone, dataset: Dataset, batch_
         raw = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in raw.items()}
         za.append(objective.embed_sample(raw, backbone).float().cpu())
         zb.append(objective.embed_partner(raw, backbone).float().cpu())
-        keys += list(raw[objective.partner_key])
+        partners = raw[objective.partner_key]
+        if isinstance(partners, Tensor):  # sensor data (a view, another sensor): only its own frame is a hit
+            keys += [("frame", len(keys) + i) for i in range(len(partners))]
+        else:
+            keys += list(partners)
     za, zb = torch.cat(za), torch.cat(zb)
     ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
     group = torch.tensor([ids[k] for k in keys])
@@ -196,7 +201,8 @@ def format_table(results: dict[str, dict[str, float]], k: int, fields: Sequence[
 
 
 def format_retrieval(retrieval: dict[str, dict[str, float]]) -> str:
-    rows = ["| stage/objective | sample->text R@1 | R@5 | text->sample R@1 | R@5 |", "|---|---|---|---|---|"]
+    # the partner is the objective's: captions, a second view, another modality or another sensor
+    rows = ["| stage/objective | sample->partner R@1 | R@5 | partner->sample R@1 | R@5 |", "|---|---|---|---|---|"]
     for name, r in retrieval.items():
         rows.append(f"| {name} | {100 * r['sample_to_partner_r1']:.1f}% | {100 * r['sample_to_partner_r5']:.1f}% | "
                     f"{100 * r['partner_to_sample_r1']:.1f}% | {100 * r['partner_to_sample_r5']:.1f}% |")

@@ -70,6 +70,9 @@ class Objective(Protocol):
             The trainer sets the tokenizer's `TargetSwitch` to whether any objective of the stage
             does, so a stage without one does not pay for the targets.
 
+    ``sensor_args`` (a tuple of argument names, empty when absent) lists the arguments that name
+    another sensor of a scene: the config check refuses a name the modality's sensors lack.
+
     An objective may also have ``check_batch(raw)``: the trainer calls it on each collated batch
     before the batch moves to the device, so checks that read the data's values (calibration,
     timestamps) cost no device sync; it raises ``DataError`` naming the frame.

@@ -34,7 +34,8 @@ def _state_dict_api() -> Any:
 def _shard_backbone_owner(module: nn.Module, backbone: nn.Module, **kwargs: Any) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    for block in backbone.encoder.blocks:  # one unit per block: weights are gathered one block at a time
+    encoders = [backbone.encoder, *(o.encoder for o in backbone.others.values() if o.encoder is not None)]
+    for block in (b for encoder in encoders for b in encoder.blocks):  # one unit per block: gathered one at a time
         fully_shard(block, **kwargs)
     fully_shard(module, **kwargs)  # the rest (tokenizer, norms, objectives' heads) in the root unit
 

@@ -180,6 +180,9 @@ class RunConfig:
     parallel: str = checked("ddp", OneOf(PARALLEL_MODES))
 
 
+SENSOR_ENCODERS = ("shared", "separate")
+
+
 @dataclass
 class ModelConfig:
     size: str = checked("tiny", OneOf(tuple(ENCODER_SIZES)))  # tiny | small | base | large (timm's ViT sizes)
@@ -193,6 +196,8 @@ class ModelConfig:
     cls_token: bool = True
     pool: str = checked("mean", OneOf(POOLS))
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
+    # a scene's sensors through the one encoder (with a per-sensor embedding) or each through its own
+    sensor_encoders: str = checked("shared", OneOf(SENSOR_ENCODERS))
 
 
 @dataclass
@@ -200,7 +205,7 @@ class ModalityConfig:
     name: str = ""  # set by the modality file; a label, never branched on
     tokenizer: Dict[str, Any] = field(default_factory=dict)
     masker: Dict[str, Any] = field(default_factory=dict)  # the modality's default masker
-    # a scene sample's further sensors, by sample field: {cam_front: {tokenizer: {...}, masker: {...}}};
+    # a scene sample's sensors, by sample field: {cam_front: {tokenizer: {...}, masker: {...}, transforms: [...]}};
     # `tokenizer` above is then the first sensor's, reading the field named by `sensor`
     sensor: str = ""
     sensors: Dict[str, Dict[str, Any]] = field(default_factory=dict)

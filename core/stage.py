@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from .backbone import Backbone
-from .build import build_backbone, build_dataset, build_masker, build_objectives, build_teacher, build_transforms
+from .build import (build_backbone, build_dataset, build_masker, build_objectives, build_sensor_transforms, build_teacher,
+                    build_transforms)
 from .checkpoint import CheckpointError, checkpoint_part, load_checkpoint, load_model_state, save_atomic, set_rng_state, shard_folder
 from .config import SCRATCH, ConfigError, objective_nodes
 from .data import AugmentedDataset, collate, make_loader, mix_seed
@@ -246,11 +247,13 @@ class StageSetup:
         return teacher, objectives, weights
 
     def _dataset(self, index: int, key: str) -> AugmentedDataset:
-        """``data.train`` with ``data.transforms`` applied to field ``key``, seeded by the stage."""
+        """``data.train`` with ``data.transforms`` (and the sensor's own) applied to field ``key``, and
+        each other scene sensor's own transforms to its field; seeded by the stage."""
         cfg = self.cfg
-        with _bad_value("data.train / data.transforms"):
-            return AugmentedDataset(build_dataset(cfg, "train", self.components), build_transforms(cfg, self.components),
-                                    key, mix_seed(cfg.run.seed, index), views=cfg.data.views)
+        with _bad_value("data.train / data.transforms / modality.sensors.*.transforms"):
+            return AugmentedDataset(build_dataset(cfg, "train", self.components), build_transforms(cfg, self.components, key),
+                                    key, mix_seed(cfg.run.seed, index), views=cfg.data.views,
+                                    others=build_sensor_transforms(cfg, self.components, skip=key))
 
     def _resumed(self, name: str, state: Optional[dict[str, Any]], shards: Optional[Path], objectives: nn.ModuleDict,
                  teacher: Optional[Teacher], scaler: torch.amp.GradScaler) -> int:

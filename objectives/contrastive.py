@@ -150,6 +150,7 @@ class Contrastive(nn.Module):
     """
 
     needs_mask = False
+    sensor_args = ("other_sensor",)  # checked against the modality's sensors when the config loads
     components: ClassVar[Mapping[str, str]] = {"text.tokenizer": "tokenizer", "other_tokenizer": "tokenizer"}
 
     def __init__(self, dim: int, tokenizer: nn.Module, pair: str = "text", embed_dim: int = 128, pool: str = "mean",

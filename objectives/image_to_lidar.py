@@ -56,6 +56,7 @@ class ImageToLidar(nn.Module):
 
     needs_teacher = True
     needs_mask = False
+    sensor_args = ("camera",)  # checked against the modality's sensors when the config loads
 
     def __init__(self, dim: int, tokenizer: nn.Module, teacher_dim: Optional[int] = None, camera: str = "cam_front",
                  sensor: Optional[str] = None, loss: str = "cosine", temperature: float = 0.07, max_tokens: int = 4096,

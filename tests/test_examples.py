@@ -69,6 +69,27 @@ def test_radar_two_stage_then_eval(radar_site: Path, tmp_path: Path) -> None:
     assert "pre-trained (videoprism)" in proc.stdout and "contrastive/contrastive" in proc.stdout, proc.stdout
 
 
+def test_radar_is_a_sensor_of_a_street_scene(radar_site: Path, tmp_path: Path) -> None:
+    # the scenes' own front radar, tokenized by the installed plugin's radar_bev, trains beside the
+    # lidar (lidar-radar contrastive) through the shared encoder; nothing in anymodal names radar
+    config = RADAR / "anymodal_radar" / "configs" / "street_radar.yaml"
+    run = tmp_path / "run"
+    proc = _anymodal("train", str(config), "recipe.stages.contrastive.steps=4", "--run-dir", str(run),
+                     env=_env(radar_site), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(0 <= r["contrastive/acc"] <= 1 for r in rows)
+    proc = _anymodal("eval", str(run), "--no-pictures", env=_env(radar_site), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "eval" / "results.json").read_text())
+    assert set(summary["retrieval"]["contrastive/contrastive"]) >= {"sample_to_partner_r1", "partner_to_sample_r1"}
+    assert "| encoder | mIoU | road |" in proc.stdout and "contrastive/contrastive" in proc.stdout
+    # a typo in the partner sensor is named with the sensors the scene has, radar among them
+    bad = _anymodal("train", str(config), "recipe.stages.contrastive.objectives.contrastive.other_sensor=radar_frnt",
+                    "--run-dir", str(tmp_path / "bad"), env=_env(radar_site), cwd=tmp_path)
+    assert bad.returncode == 2 and "radar_frnt" in bad.stderr and "radar_front" in bad.stderr, bad.stderr
+
+
 def test_radar_own_tests_pass(radar_copy: Path, radar_site: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
                           capture_output=True, text=True, env=_env(radar_site), cwd=radar_copy, timeout=300)

@@ -231,4 +231,4 @@ def test_retrieval_is_evaluated_for_contrastive_stages(two_stage):
     r = results["retrieval"]["contrastive/contrastive"]
     assert set(r) == {"sample_to_partner_r1", "sample_to_partner_r5", "partner_to_sample_r1", "partner_to_sample_r5"}
     assert all(0.0 <= v <= 1.0 for v in r.values()) and r["sample_to_partner_r5"] >= r["sample_to_partner_r1"]
-    assert "text->sample R@1" in proc.stdout
+    assert "partner->sample R@1" in proc.stdout

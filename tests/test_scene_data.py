@@ -5,6 +5,7 @@ class the camera rendered there is the point's label."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from anymodal.core.errors import DataError
@@ -88,3 +89,36 @@ def test_overlay_is_written(train, tmp_path) -> None:
     picture = np.asarray(Image.open(path))
     assert picture.shape == (128, 512, 3)
     assert (picture[:, :256] != picture[:, 256:]).any()  # the points are drawn on the right half
+
+
+def test_radar_sees_the_same_world_with_doppler_and_leaves_the_other_sensors_unchanged(train) -> None:
+    from anymodal.plugins.scenes.data import EGO_SPEED
+
+    radar = StreetScenesDataset("train", size=16, radar=True)
+    car, building = CLASSES.index("car"), CLASSES.index("building")
+    moving_seen, rcs, classes = False, [], []
+    for i in (0, 2, 5, 9):
+        s, plain = radar[i], train[i]
+        assert torch.equal(s["lidar_top"], plain["lidar_top"]) and torch.equal(s["cam_front"], plain["cam_front"])
+        points, labels = s["radar_front"], s["radar_front/labels"]
+        assert points.shape[1] == 5 and len(points) == len(labels) > 20 and points.dtype == torch.float32
+        assert torch.equal(points, radar[i]["radar_front"])  # deterministic
+        assert (labels > CLASSES.index("sidewalk")).all()  # ground returns filtered, as radars do
+        assert (points[:, 0] > 0).all() and s["radar_front/timestamp"] - s["cam_front/timestamp"] < 0.05
+        # a standing surface's Doppler is the ego's own motion seen along the ray: -speed * cos(angle)
+        ego_dirs = F.normalize(to_ego(points[None, :, :3], s["radar_front/extrinsics"][None])[0]
+                               - s["radar_front/extrinsics"][:3, 3], dim=-1)
+        standing = labels != car
+        expected = -EGO_SPEED * ego_dirs[:, 0]
+        assert (points[standing, 3] - expected[standing]).abs().median() < 0.3
+        moving_seen |= bool(((points[~standing, 3] - expected[~standing]).abs() > 5).any())
+        rcs.append(points[:, 4]), classes.append(labels)
+    rcs, classes = torch.cat(rcs), torch.cat(classes)
+    assert rcs[classes == building].mean() > rcs[classes == car].mean() + 5  # a facade reflects more than a car
+    assert moving_seen  # some car drives in its lane: its Doppler differs from the standing world's
+    cached = StreetScenesDataset("train", size=16, radar=True, cache=True)
+    first = cached[2]
+    first["radar_front"] = None  # what a transform does to its copy
+    assert torch.equal(cached[2]["radar_front"], radar[2]["radar_front"]) and 2 in cached.cache
+    with pytest.raises(DataError, match="radar must be true or false"):
+        StreetScenesDataset("train", size=4, radar="yes")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from anymodal.core.backbone import Backbone, SensorInput
+from anymodal.core.data import collate
 from anymodal.core.encoder import Encoder
 from anymodal.core.posenc import build_posenc
 from anymodal.tokenizers.image import ImagePatchTokenizer
@@ -106,6 +107,11 @@ def test_scene_config_mistakes_are_named() -> None:
     assert ("recipe.stages.lidar.sensor (from command line) names sensor 'lidar_tpo', which modality 'street_scenes' "
             "does not have (sensors: lidar_top, cam_front); did you mean 'lidar_top'?") in _problems(
         "recipe=scene_two_stage", "recipe.stages.lidar.sensor=lidar_tpo")
+    assert ("recipe.stages.distill.objectives.image_to_lidar.camera (from command line) names sensor 'cam_frnt', which "
+            "modality 'street_scenes' does not have (sensors: lidar_top, cam_front); did you mean 'cam_front'?") in _problems(
+        "recipe=image_to_lidar", "recipe.stages.distill.objectives.image_to_lidar.camera=cam_frnt")
+    assert "recipe.stages.contrastive.objectives.contrastive.other_sensor (from command line) names sensor 'lidar'" in _problems(
+        "recipe=camera_lidar_contrastive", "recipe.stages.contrastive.objectives.contrastive.other_sensor=lidar")
     assert "modality.sensor (from command line) must name one of modality.sensors (lidar_top, cam_front)" in _problems(
         "modality.sensor=cam_back")
     assert "unknown key 'modality.sensors.cam_front.transform'" in _problems("modality.sensors.cam_front.transform=[]")
@@ -128,3 +134,68 @@ def test_scene_two_stage_trains_and_evaluates(tmp_path) -> None:
     assert "camera/contrastive" in out  # camera-to-caption retrieval of stage 1
     summary = json.loads((run / "eval" / "results.json").read_text())
     assert set(summary["segmentation"]) == {"pre-trained (scene_two_stage)", "random init"}
+
+
+def test_each_sensor_takes_its_own_transforms_and_none_that_moves_geometry() -> None:
+    from anymodal.core.build import build_dataset, build_sensor_transforms, build_transforms
+    from anymodal.core.config import compose, validate
+    from anymodal.core.data import AugmentedDataset
+    from anymodal.plugins.manager import load_components
+
+    components = load_components()
+    dropout = "modality.sensors.lidar_top.transforms=[{name: point_dropout, fraction: 0.5}]"
+    composed = compose("tiny-test", [*SCENE, dropout, "modality.sensors.cam_front.transforms=[{name: normalize, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}]"])
+    validate(composed, components)
+    cfg = composed.cfg
+    data = build_dataset(cfg, "train", components)
+    # a stage on the camera: data.transforms and the camera's own on its field, the lidar's on the lidar
+    own, others = build_transforms(cfg, components, "cam_front"), build_sensor_transforms(cfg, components, skip="cam_front")
+    assert [type(t).__name__ for t in own] == ["Normalize"] and list(others) == ["lidar_top"]
+    augmented = AugmentedDataset(data, own, "cam_front", seed=0, others=others)
+    sample, raw = augmented[(3, 0)], data[3]
+    assert len(sample["lidar_top"]) == round(len(raw["lidar_top"]) * 0.5)
+    assert not torch.equal(sample["cam_front"], raw["cam_front"])  # normalized
+    assert torch.equal(sample["lidar_top"], augmented[(3, 0)]["lidar_top"])  # seeded by (index, epoch)
+    assert not torch.equal(sample["lidar_top"], augmented[(3, 1)]["lidar_top"])
+    assert torch.equal(sample["lidar_top/extrinsics"], raw["lidar_top/extrinsics"])
+    flip = _problems("modality.sensors.cam_front.transforms=[{name: random_horizontal_flip}]")
+    assert ("modality.sensors.cam_front.transforms.0 (random_horizontal_flip, from command line) moves pixels or points, "
+            "which the scene's calibration would then no longer describe") in flip
+    assert "data.transforms.0 (rotate_z, from command line) moves pixels or points" in _problems("data.transforms=[{name: rotate_z}]")
+    assert "modality.sensors.lidar_top.transforms.0.name: unknown transform 'point_dropuot'" in _problems(
+        "modality.sensors.lidar_top.transforms=[{name: point_dropuot}]")
+
+
+def test_separate_sensor_encoders_on_request(tmp_path) -> None:
+    import json
+
+    from anymodal.core.build import build_backbone
+    from anymodal.core.config import compose
+    from anymodal.plugins.manager import load_components
+    from anymodal.plugins.scenes.data import StreetScenesDataset
+    from helpers import anymodal
+
+    components = load_components()
+    raw = collate([StreetScenesDataset("train", size=2)[i] for i in range(2)])
+    torch.manual_seed(0)
+    shared = build_backbone(compose("tiny-test", SCENE).cfg, components)
+    torch.manual_seed(0)
+    separate = build_backbone(compose("tiny-test", [*SCENE, "model.sensor_encoders=separate"]).cfg, components)
+    assert shared.others["cam_front"].encoder is None
+    own = separate.others["cam_front"].encoder
+    assert own is not None and own is not separate.encoder
+    # the shared part is built first, so it is the same in both; the camera's encoder is extra
+    assert all(torch.equal(a, b) for a, b in zip(shared.encoder.state_dict().values(), separate.encoder.state_dict().values()))
+    separate.embed(raw, "cam_front").sum().backward()
+    assert own.blocks[0].attn.qkv.weight.grad is not None and separate.encoder.blocks[0].attn.qkv.weight.grad is None
+    separate.zero_grad(set_to_none=True)
+    separate.embed(raw).sum().backward()  # the lidar, the first sensor, through the shared encoder
+    assert separate.encoder.blocks[0].attn.qkv.weight.grad is not None and own.blocks[0].attn.qkv.weight.grad is None
+    # through the command line: a camera-lidar contrastive run with an encoder per sensor, then eval
+    run = tmp_path / "run"
+    anymodal("train", "tiny-test", *SCENE, "recipe=camera_lidar_contrastive", "recipe.stages.*.steps=2",
+             "model.sensor_encoders=separate", "--run-dir", run)
+    anymodal("eval", run, "--no-pictures")
+    assert "contrastive/contrastive" in json.loads((run / "eval" / "results.json").read_text())["retrieval"]
+    assert ("model.sensor_encoders must be one of shared, separate, got 'seperate' (from command line); did you mean "
+            "'separate'?") in _problems("model.sensor_encoders=seperate")

@@ -54,6 +54,8 @@ class RandomResizedCrop:
         ratio: ``[low, high]`` width/height aspect ratio range, positive.
     """
 
+    moves_geometry = True  # a scene's calibration would no longer describe the output
+
     _TRIES = 10
 
     def __init__(
@@ -123,6 +125,8 @@ class RandomHorizontalFlip:
         p: Flip probability, in [0, 1].
     """
 
+    moves_geometry = True  # a scene's calibration would no longer describe the output
+
     def __init__(self, p: float = 0.5) -> None:
         self.p = float_arg("p", p)
         if not 0.0 <= self.p <= 1.0:
@@ -146,6 +150,8 @@ class Resize:
     Args:
         size: Output side in pixels.
     """
+
+    moves_geometry = True  # a scene's calibration would no longer describe the output
 
     def __init__(self, size: int) -> None:
         self.size = int_arg("size", size, 1)
@@ -207,6 +213,8 @@ class RandomTranslate:
     Args:
         max_shift: Largest shift in pixels, >= 0.
     """
+
+    moves_geometry = True  # a scene's calibration would no longer describe the output
 
     def __init__(self, max_shift: int) -> None:
         self.max_shift = int_arg("max_shift", max_shift, 0)

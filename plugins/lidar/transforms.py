@@ -59,6 +59,8 @@ class RangeCrop:
 class RotateZ:
     """Rotate about the up (z) axis by an angle uniform in ``degrees`` (default: any angle)."""
 
+    moves_geometry = True  # a scene's calibration would no longer describe the output
+
     def __init__(self, degrees: Sequence[float] = (-180.0, 180.0)) -> None:
         self.degrees = range_arg("degrees", degrees)
 
@@ -78,6 +80,8 @@ class RotateZ:
 
 class RandomFlip:
     """Mirror x (negate it) and/or y, each independently with probability ``p``."""
+
+    moves_geometry = True  # a scene's calibration would no longer describe the output
 
     def __init__(self, x: bool = True, y: bool = True, p: float = 0.5) -> None:
         if not isinstance(x, bool) or not isinstance(y, bool) or not (x or y):

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..lidar.scenes import raycast
 
-__all__ = ["CLASSES", "STREET_KINDS", "World", "make_world", "camera_rays", "render", "lidar_returns", "hit_normals", "beam_directions"]
+__all__ = ["CLASSES", "STREET_KINDS", "World", "make_world", "camera_rays", "render", "lidar_returns", "hit_normals",
+           "beam_directions", "object_velocities", "radar_returns", "radar_directions"]
 
 CLASSES = ("road", "sidewalk", "building", "car", "guard_rail", "pole", "tree", "pedestrian")
 STREET_KINDS = ("city street", "highway", "park road")
@@ -25,6 +26,8 @@ STREET_KINDS = ("city street", "highway", "park road")
 COLOURS = np.array([[0.32, 0.32, 0.34], [0.62, 0.60, 0.55], [0.70, 0.52, 0.40], [0.15, 0.30, 0.75],
                     [0.80, 0.80, 0.82], [0.90, 0.75, 0.15], [0.20, 0.55, 0.20], [0.85, 0.25, 0.30]])
 REFLECTIVITY = np.array([0.10, 0.25, 0.30, 0.70, 0.85, 0.50, 0.15, 0.40])
+# radar cross-section (dBsm) the radar reports per class: metal strong, people and foliage weak
+RCS = np.array([-20.0, -15.0, 20.0, 10.0, 5.0, 0.0, -5.0, -8.0])
 SKY_TOP, SKY_HORIZON = np.array([0.35, 0.55, 0.90]), np.array([0.80, 0.87, 0.95])
 SUN = np.array([0.4, 0.3, 0.87]) / np.linalg.norm([0.4, 0.3, 0.87])
 ROAD_HALF_WIDTH, SIDEWALK = 5.0, 3.0
@@ -170,6 +173,50 @@ def lidar_returns(world: World, lidar_to_world: np.ndarray, directions: np.ndarr
     distance = distance + rng.normal(0.0, range_noise, len(distance))
     intensity = np.clip(REFLECTIVITY[cls] + rng.normal(0.0, 0.03, len(cls)), 0.0, 1.0)
     return np.column_stack([local * distance[:, None], intensity]).astype(np.float32), cls
+
+
+def object_velocities(world: World) -> np.ndarray:
+    """Each surface's velocity in the world ``[1 + nb + nc, 3]`` (`raycast` numbering, the ground
+    first): cars in a lane drive along it (12 m/s in the inner lane, 8 m/s in the outer, each side
+    its own direction), pedestrians walk along the sidewalk at 1.4 m/s; parked cars and the rest
+    stand still. Derived from the geometry, so it draws nothing from the world's random stream."""
+    car, pedestrian = CLASSES.index("car"), CLASSES.index("pedestrian")
+    y = world.boxes[:, 1]
+    moving = (world.box_class == car) & (np.abs(y) < ROAD_HALF_WIDTH - 1.5)
+    box_speed = np.where(moving, np.where(np.abs(y) < 2.5, 12.0, 8.0), 0.0) * -np.sign(y)
+    walker = world.cylinder_class == pedestrian
+    cyl_speed = np.where(walker, 1.4, 0.0) * np.sign(world.cylinders[:, 1])
+    speed = np.concatenate([[0.0], box_speed, cyl_speed])
+    return np.column_stack([speed, np.zeros_like(speed), np.zeros_like(speed)])
+
+
+def radar_returns(world: World, radar_to_world: np.ndarray, ego_velocity: np.ndarray, directions: np.ndarray,
+                  max_range: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A 4-D imaging radar's detections ``[M, 5]`` (x, y, z, Doppler m/s, RCS dBsm) in its frame and
+    their classes ``[M]``: rays ``directions [R, 3]`` (its frame) that hit an object within
+    ``max_range`` (ground returns are filtered out, as radars do). Doppler is the radial velocity of
+    the surface relative to the moving radar (positive: receding); positions are coarser than the
+    lidar's (0.15 m in range, 0.5 degrees in azimuth)."""
+    rotation, origin = radar_to_world[:3, :3], radar_to_world[:3, 3]
+    world_dirs = directions @ rotation.T
+    distance, surface = raycast(origin, world_dirs, world.boxes, world.cylinders)
+    kept = (distance <= max_range) & (surface > 0)
+    distance, surface, local, world_dirs = distance[kept], surface[kept], directions[kept], world_dirs[kept]
+    cls = world.surface_class(surface, origin + world_dirs * distance[:, None])
+    doppler = ((object_velocities(world)[surface] - ego_velocity) * world_dirs).sum(1)
+    yaw = rng.normal(0.0, math.radians(0.5), len(cls))
+    c, s = np.cos(yaw), np.sin(yaw)
+    local = np.column_stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]])
+    distance = distance + rng.normal(0.0, 0.15, len(cls))
+    columns = [local * distance[:, None], doppler + rng.normal(0.0, 0.1, len(cls)), RCS[cls] + rng.normal(0.0, 2.0, len(cls))]
+    return np.column_stack(columns).astype(np.float32), cls
+
+
+def radar_directions(azimuth: float = 60.0, azimuth_step: float = 1.0, elevation: tuple[float, ...] = (-4.0, -1.0, 2.0, 5.0)) -> np.ndarray:
+    """Unit directions of a forward radar: ``+-azimuth`` degrees in ``azimuth_step`` steps, at each ``elevation``."""
+    el, az = np.meshgrid(np.radians(elevation), np.radians(np.arange(-azimuth, azimuth + azimuth_step / 2, azimuth_step)),
+                         indexing="ij")
+    return np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1).reshape(-1, 3)
 
 
 def beam_directions(beams: int, azimuth_steps: int, elevation: tuple[float, float] = (-25.0, 10.0)) -> np.ndarray:
