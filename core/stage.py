@@ -298,7 +298,10 @@ class StageSetup:
                 model.check_batch(host)
                 model(raw, masker, torch.Generator().manual_seed(0), teacher)
             except KeyError as e:
-                raise DataError(f"stage {name!r}: a tokenizer or objective needs batch field {e.args[0]!r}, which the "
+                missing = e.args[0] if e.args else ""
+                if isinstance(missing, str) and " " in missing:  # a component's own message, already explained
+                    raise DataError(f"stage {name!r}: {missing}") from e
+                raise DataError(f"stage {name!r}: a tokenizer or objective needs batch field {missing!r}, which the "
                                 f"dataset's samples do not have (they have: {', '.join(sorted(samples[0]))})") from e
             except Exception as e:  # a plugin's component that fails is named with its file:line; ours are bugs
                 failure = self.components.blame(self._used(stage), e)

@@ -179,7 +179,8 @@ class Contrastive(nn.Module):
                              f"(pair={pair}, other_sensor={other_sensor!r})")
         if other_sensor is not None and other_sensor == sensor:
             raise ValueError(f"contrastive other_sensor {other_sensor!r} is the stage's own sensor; name another one")
-        self.pair, self.gather, self.input_key = pair, gather, tokenizer.input_key
+        # the stage's field: a scene sensor's name, else the tokenizer's own field
+        self.pair, self.gather, self.input_key = pair, gather, sensor or tokenizer.input_key
         self.sensor, self.other_sensor = sensor, other_sensor
         self.masker = RandomMasker(mask_ratio) if mask_ratio > 0 else None  # RandomMasker checks the ratio
         self.learn_temperature = learn_temperature
@@ -246,7 +247,7 @@ class Contrastive(nn.Module):
         if self.pair == "sensor":
             return student.tokenize(raw, self.other_sensor)
         if self.pair == "views":
-            return student.tokenize({self.input_key: partners})
+            return student.tokenize({self.input_key: partners}, self.sensor)
         return self.other_tokenizer(partners)
 
     def _partner(self, raw: Mapping[str, Any], student: Any, generator: Optional[torch.Generator]) -> Tensor:

@@ -199,3 +199,27 @@ def test_separate_sensor_encoders_on_request(tmp_path) -> None:
     assert "contrastive/contrastive" in json.loads((run / "eval" / "results.json").read_text())["retrieval"]
     assert ("model.sensor_encoders must be one of shared, separate, got 'seperate' (from command line); did you mean "
             "'separate'?") in _problems("model.sensor_encoders=seperate")
+
+
+def test_two_views_of_a_scene_sensor_pair_on_its_field(tmp_path) -> None:
+    # pair=views on a camera stage of a scene reads cam_front and cam_front_view2, not the image
+    # tokenizer's default field
+    import json
+
+    from helpers import anymodal
+
+    run = tmp_path / "run"
+    anymodal("train", "tiny-test", *SCENE, "recipe=clip", "recipe.stages.*.sensor=cam_front", "data.views=2",
+             "recipe.stages.*.steps=2", "recipe.stages.*.objectives.contrastive={_replace_: true, pair: views, embed_dim: 16}",
+             "modality.sensors.cam_front.transforms=[{name: normalize, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}]",
+             "--run-dir", run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["contrastive/acc"] <= 1 for r in rows)
+    # without data.views=2 there is no second view: one line naming the field, before the first step
+    proc = anymodal("train", "tiny-test", *SCENE, "recipe=clip", "recipe.stages.*.sensor=cam_front", "recipe.stages.*.steps=2",
+                    "recipe.stages.*.objectives.contrastive={_replace_: true, pair: views, embed_dim: 16}",
+                    "--run-dir", tmp_path / "one_view", check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith("anymodal train: error: stage 'contrastive': contrastive pair=views needs batch field "
+                                "'cam_front_view2'; the batch has: cam_front,"), errors[0]
