@@ -478,6 +478,10 @@ def validate(composed: ComposedConfig, components: Any) -> None:
     for i, node in enumerate(cfg["data"]["transforms"]):
         errors += _component_errors(node, components.transform, f"data.transforms.{i}", lambda _: src("data.transforms"), [])
     errors += _scene_transform_errors(cfg, components, src)
+    tokenizer = cfg["modality"]["tokenizer"]
+    if not cfg["modality"]["sensor"] and tokenizer.get("name") in components.tokenizer:  # one sensor: its field
+        cfg["modality"]["sensor"] = tokenizer.get("input_key") or _default(components.tokenizer.entry(tokenizer["name"]).factory,
+                                                                            "input_key") or ""
     if not cfg["recipe"]["stages"]:
         errors.append(f"recipe {cfg['recipe']['name']!r} (from {src('recipe')}) has no stages")
     earlier: list[str] = []

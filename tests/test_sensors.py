@@ -112,6 +112,12 @@ def test_scene_config_mistakes_are_named() -> None:
         "recipe=image_to_lidar", "recipe.stages.distill.objectives.image_to_lidar.camera=cam_frnt")
     assert "recipe.stages.contrastive.objectives.contrastive.other_sensor (from command line) names sensor 'lidar'" in _problems(
         "recipe=camera_lidar_contrastive", "recipe.stages.contrastive.objectives.contrastive.other_sensor=lidar")
+    # on a one-sensor modality the one sensor is named by its tokenizer's field
+    from anymodal.core.config import ConfigError, compose, validate
+    from anymodal.plugins.manager import load_components
+
+    with pytest.raises(ConfigError, match=r"names sensor 'lidar_top', which modality 'image' does not have \(sensors: image\)"):
+        validate(compose("tiny-test", ["recipe=image_to_lidar"]), load_components())
     assert "modality.sensor (from command line) must name one of modality.sensors (lidar_top, cam_front)" in _problems(
         "modality.sensor=cam_back")
     assert "unknown key 'modality.sensors.cam_front.transform'" in _problems("modality.sensors.cam_front.transform=[]")
