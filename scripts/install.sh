@@ -59,6 +59,8 @@ fetch_aerial_tile() {
 }
 pip_install "laspy>=2.4" "lazrs>=0.5" || echo "warning: could not install laspy and lazrs; .las/.laz files cannot be read" >&2
 fetch_aerial_tile
+# ROS 2 recordings: mcap reads MCAP files, mcap-ros2-support decodes their CDR messages (mcap_scenes)
+pip_install "mcap>=1.2" "mcap-ros2-support>=0.5" || echo "warning: could not install mcap and mcap-ros2-support; MCAP recordings cannot be read" >&2
 
 # Audio: soundfile (libsndfile) reads WAV/FLAC/OGG and soxr resamples. Where espeak-ng is installed
 # the full spoken-digits set (3750 clips) is built into the data cache once; without it the

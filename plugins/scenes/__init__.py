@@ -3,9 +3,10 @@
 backbone tokenizes both sensors. The geometry that links them is in `anymodal.core.geometry`."""
 
 from .. import hookimpl
-from . import data
+from . import data, mcap_data, nuscenes
 
 
 @hookimpl
 def register_datasets():
-    return {"street_scenes": data.StreetScenesDataset}
+    return {"street_scenes": data.StreetScenesDataset, "mcap_scenes": mcap_data.McapScenesDataset,
+            "nuscenes": nuscenes.NuScenesDataset}
