@@ -64,6 +64,10 @@ ROWS: list[dict[str, Any]] = [
      "cuda_graphs": True, "gpu_only": True},
     *[{"name": f"{m} mae step + loader", "work": "modality", "impl": "anymodal", "size": "base", "modality": m}
       for m in ("image", "video", "lidar", "lidar_sweep", "audio")],
+    # the scene lidar step on frames generated on read, then on the same streets read back from AV log
+    # formats (written once into the data cache by the scenes plugin's exporters): does reading keep up?
+    *[{"name": f"street_scenes {source} lidar mae step + loader", "work": "modality", "impl": "anymodal", "size": "base",
+       "modality": "street_scenes", "source": source} for source in ("generated", "mcap", "nuscenes")],
     # ragged sweeps packed into one sequence through xformers' block-diagonal kernel, against the padded row above
     {"name": "lidar_sweep mae step, xformers packed", "work": "modality", "impl": "anymodal", "size": "base",
      "modality": "lidar_sweep", "overrides": ["model.attn_backend=xformers"], "gpu_only": True},
@@ -220,7 +224,28 @@ def _modality_parts(modality: str, dev: str, extra: tuple[str, ...] = ()) -> tup
 
 
 def _row_parts(row: dict[str, Any], dev: str) -> tuple[Any, Any, Any, Any]:
-    return _modality_parts(row["modality"], dev, tuple(row.get("overrides", ())))
+    return _modality_parts(row["modality"], dev, tuple(row.get("overrides", ())) + _source_overrides(row.get("source")))
+
+
+@functools.lru_cache(maxsize=None)
+def _source_overrides(source: str | None) -> tuple[str, ...]:
+    """``data.train`` of a scene row: the generated streets (cached in memory after the first read,
+    as a run that reads each frame many times would), or 64 frames of them exported once as MCAP
+    recordings or a nuScenes folder, read back from disk."""
+    if source in (None, "generated"):
+        return ("data.train.cache=true",) if source else ()
+    from anymodal.core.data import cache_dir
+    from anymodal.plugins.scenes.export import export_mcap, export_nuscenes
+
+    folder = Path(cache_dir("benchmarks", f"street_scenes_{source}"))
+    if not (folder / "done").exists():
+        if source == "mcap":
+            export_mcap(folder, "train", streets=8, frames_per_street=8)
+        else:
+            export_nuscenes(folder, frames_per_street=8)
+        (folder / "done").touch()
+    node = f"{{name: mcap_scenes, path: '{folder}'}}" if source == "mcap" else f"{{name: nuscenes, root: '{folder}'}}"
+    return (f"data.train={node}",)
 
 
 def modality_step(row: dict[str, Any], device: Any, dev: str) -> tuple[Callable[[], Any], Any, int, str]:
