@@ -59,8 +59,26 @@ fetch_aerial_tile() {
 }
 pip_install "laspy>=2.4" "lazrs>=0.5" || echo "warning: could not install laspy and lazrs; .las/.laz files cannot be read" >&2
 fetch_aerial_tile
+# A real ROS 2 recording for the MCAP reader's tests (the `real_recording` fixture): the 97 s nav2
+# TurtleBot 4 log (/tf, /tf_static, /odom, /amcl_pose; 505 KB) that the evo 1.38.1 source archive
+# ships as test data, extracted into the data cache and checked by SHA-256.
+fetch_real_recording() {
+  local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/scenes" tmp member=evo-1.38.1/test/data/nav2_turtlebot.mcap
+  local sum=56b182e06492094a21798c9bbc31ff4c60f5e4de44f72dea76e324c432f449c6
+  if [ -f "$dest/nav2_turtlebot.mcap" ] && sha256_is "$dest/nav2_turtlebot.mcap" "$sum"; then return 0; fi
+  tmp=$(mktemp -d)
+  if "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: "evo==1.38.1" -d "$tmp" \
+      && tar xzf "$tmp/evo-1.38.1.tar.gz" --no-same-owner -C "$tmp" "$member" && sha256_is "$tmp/$member" "$sum" \
+      && mkdir -p "$dest" && mv "$tmp/$member" "$dest/.nav2_turtlebot.mcap.tmp" && mv -f "$dest/.nav2_turtlebot.mcap.tmp" "$dest/nav2_turtlebot.mcap"; then
+    echo "real ROS 2 recording: $dest/nav2_turtlebot.mcap"
+  else
+    echo "warning: could not fetch the real ROS 2 recording (evo==1.38.1 sdist); its MCAP test will skip" >&2
+  fi
+  rm -rf "$tmp"
+}
 # ROS 2 recordings: mcap reads MCAP files, mcap-ros2-support decodes their CDR messages (mcap_scenes)
 pip_install "mcap>=1.2" "mcap-ros2-support>=0.5" || echo "warning: could not install mcap and mcap-ros2-support; MCAP recordings cannot be read" >&2
+fetch_real_recording
 
 # Audio: soundfile (libsndfile) reads WAV/FLAC/OGG and soxr resamples. Where espeak-ng is installed
 # the full spoken-digits set (3750 clips) is built into the data cache once; without it the

@@ -56,7 +56,7 @@ def _transform(parent: str, child: str, m: np.ndarray, stamp: int) -> dict[str, 
 
 
 def export_mcap(out: str | Path, split: str = "train", streets: int = 4, frames_per_street: int = 4, seed: int = 0,
-                image: str = "jpeg", radar: bool = False, padding: int = 0) -> list[Path]:
+                image: str = "jpeg", radar: bool = False, padding: int = 0, chunk_size: int = 256 * 1024) -> list[Path]:
     """Write ``streets`` recordings of ``split``'s generated streets under ``out/<split>/``.
 
     Args:
@@ -64,6 +64,7 @@ def export_mcap(out: str | Path, split: str = "train", streets: int = 4, frames_
             (an rgb8 Image on ``/cam_front/image``).
         radar: add ``/radar_front/points`` (x, y, z, doppler, rcs, label) and its transform.
         padding: unused bytes after each point of the clouds (real drivers pad to 16 or 32 bytes).
+        chunk_size: bytes of messages per zstd chunk (a frame spans a few: a cut file loses the tail only).
     """
     from mcap_ros2.writer import Writer
 
@@ -75,7 +76,7 @@ def export_mcap(out: str | Path, split: str = "train", streets: int = 4, frames_
     for street in range(streets):
         path = folder / f"street-{street:04d}.mcap"
         with open(path, "wb") as f:
-            writer = Writer(f)
+            writer = Writer(f, chunk_size=chunk_size)
             schemas = {name.split("/")[-1]: writer.register_msgdef(name, text) for name, text in MSGDEFS.items()}
             first = street * frames_per_street
             sample = data[first]

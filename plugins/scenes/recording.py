@@ -31,7 +31,7 @@ from .rotations import interpolate_rigid, rigid_from_quaternion
 __all__ = ["RecordingIndex", "TransformTree", "index_recording", "MessageReader"]
 
 log = logging.getLogger(__name__)
-INDEX_FORMAT = "anymodal-mcap-index/1"
+INDEX_FORMAT = "anymodal-mcap-index/2"
 TF_TOPICS = ("/tf", "/tf_static")
 # one row per message: channel id, sensor stamp (header.stamp, else log time) and log time in ns,
 # the file offset of the record holding it (a chunk, or the message itself), its slot in the chunk
@@ -50,7 +50,7 @@ class RecordingIndex:
     tf_stamp: np.ndarray  # int64 [K] ns
     tf_value: np.ndarray  # float64 [K, 7]: translation, quaternion (w, x, y, z)
     lost: Optional[str] = None  # what the pass could not read (a truncated or damaged tail)
-    start_ns: int = 0  # the first message's log time: timestamps in samples count from it
+    start_ns: int = 0  # the earliest stamp: timestamps in samples count from it (small enough for float32)
 
     def topic_rows(self, topic: str) -> np.ndarray:
         """The rows of ``messages`` on ``topic``, by sensor stamp."""
@@ -231,7 +231,7 @@ def _scan(path: Path) -> RecordingIndex:
     values = np.asarray([v for _, _, v in tf_rows], np.float64).reshape(-1, 7)
     return RecordingIndex(str(path), channels, schemas, messages, list(edges),
                           np.asarray([e for e, _, _ in tf_rows], np.int64), np.asarray([s for _, s, _ in tf_rows], np.int64),
-                          values, lost, int(messages[:, LOG_TIME].min()) if len(messages) else 0)
+                          values, lost, int(messages[:, STAMP].min()) if len(messages) else 0)
 
 
 @dataclass
@@ -275,28 +275,41 @@ class TransformTree:
         span = int(stamps[i]) - int(stamps[i - 1])
         return interpolate_rigid(a, b, (t - int(stamps[i - 1])) / span if span else 1.0)
 
-    def _to_root(self, frame: str, t: int) -> tuple[str, np.ndarray]:
-        m, seen = np.eye(4), {frame}
+    def _chain(self, frame: str) -> list[tuple[str, int]]:
+        """``frame``'s way up the tree: (frame, edge to its parent) pairs, then (root, -1)."""
+        chain, seen = [], {frame}
         while frame in self.parent:
-            frame, e = self.parent[frame]
-            if frame in seen:
-                raise LookupError(f"the transforms form a loop through {frame!r}")
-            seen.add(frame)
+            parent, e = self.parent[frame]
+            chain.append((frame, e))
+            if parent in seen:
+                raise LookupError(f"the transforms form a loop through {parent!r}")
+            seen.add(parent)
+            frame = parent
+        return chain + [(frame, -1)]
+
+    def _up(self, chain: list[tuple[str, int]], ancestor: str, t: int) -> np.ndarray:
+        """The transform from the chain's first frame to ``ancestor`` at ``t``."""
+        m = np.eye(4)
+        for frame, e in chain:
+            if frame == ancestor:
+                break
             m = self._edge(e, t) @ m
-        return frame, m
+        return m
 
     def lookup(self, target: str, source: str, t: int) -> np.ndarray:
-        """The 4x4 transform from ``source`` coordinates to ``target`` coordinates at time ``t`` (ns).
+        """The 4x4 transform from ``source`` coordinates to ``target`` coordinates at time ``t`` (ns),
+        through their nearest common ancestor (so only the edges between them need to be known at ``t``).
 
         Raises:
             LookupError: the frames are not connected, or a dynamic transform on the way is not
                 known at ``t``; the message says which.
         """
-        root_s, s = self._to_root(source.lstrip("/"), t)
-        root_t, m = self._to_root(target.lstrip("/"), t)
-        if root_s != root_t:
+        up_s, up_t = self._chain(source.lstrip("/")), self._chain(target.lstrip("/"))
+        above_t = {frame for frame, _ in up_t}
+        common = next((frame for frame, _ in up_s if frame in above_t), None)
+        if common is None:
             raise LookupError(f"no transform connects {source!r} to {target!r}")
-        return np.linalg.inv(m) @ s
+        return np.linalg.inv(self._up(up_t, common, t)) @ self._up(up_s, common, t)
 
 
 class MessageReader:
