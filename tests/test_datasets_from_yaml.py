@@ -164,6 +164,20 @@ def _audio_manifest(tmp: Path) -> Input:
         [cut]
 
 
+def _scene_log(tmp: Path, kind: str) -> Input:
+    """Generated streets written as MCAP recordings (one of them cut by a crash) or as a nuScenes
+    folder (one sweep damaged), read with the scene modality."""
+    from anymodal.plugins.scenes.export import export_mcap, export_nuscenes
+
+    if kind == "mcap":
+        export_mcap(tmp, "train", streets=2, frames_per_street=2)
+        cut = _cut(tmp / "train" / "street-0001.mcap", 0.75)
+        return "street_scenes", {}, {"name": "mcap_scenes", "path": str(tmp / "train")}, [cut]
+    root = export_nuscenes(tmp / "mini", frames_per_street=1)
+    sweep = sorted((root / "samples" / "LIDAR_TOP").glob("*.pcd.bin"))[0]
+    return "street_scenes", {}, {"name": "nuscenes", "root": str(root)}, [_cut(sweep, 0.5)]
+
+
 def _shipped(name: str, modality: str, node: dict, needs: str = "", fetch: str = "") -> Callable[[Path], Input]:
     def make(tmp: Path) -> Input:
         if needs and not os.path.exists(needs):
@@ -192,6 +206,8 @@ INPUTS: dict[str, Callable[[Path], Input]] = {
                                {"size": 2, "beams": 8, "azimuth_steps": 128}),
     "street_scenes": _shipped("street_scenes", "street_scenes", {"size": 2, "beams": 8, "azimuth_steps": 64,
                                                                   "image_size": [32, 64]}),
+    "mcap_scenes": lambda tmp: _scene_log(tmp, "mcap"),
+    "nuscenes": lambda tmp: _scene_log(tmp, "nuscenes"),
     "audio_manifest": _audio_manifest,
     "spoken_digits": _shipped("spoken_digits", "audio", {"root": SMALL_SPOKEN_DIGITS}),
     "speech_sample": _shipped("speech_sample", "audio", {"max_seconds": 1.5, "root": speech_sample_dir()},

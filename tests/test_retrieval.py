@@ -35,3 +35,10 @@ def test_retrieval_counts_identical_captions_as_hits():
     assert out["sample_to_partner_r1"] == pytest.approx(4 / 6)
     assert out["partner_to_sample_r1"] == pytest.approx(4 / 6)
     assert out["sample_to_partner_r5"] == 1.0
+
+
+def test_retrieval_on_fewer_than_five_samples_ranks_them_all():
+    a = torch.eye(3)
+    data = [{"a": a[i], "b": a[[2, 0, 1][i]], "text": f"c{i}", "label": 0} for i in range(3)]
+    out = retrieval(FixedEmbeddings(), NoBackbone(), data, batch_size=4, device=torch.device("cpu"))
+    assert out["sample_to_partner_r1"] == 0.0 and out["sample_to_partner_r5"] == 1.0

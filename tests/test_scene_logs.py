@@ -133,7 +133,7 @@ def test_truncated_recording_keeps_its_readable_prefix_and_reports_the_loss(reco
     assert "using the readable prefix" in caplog.text
     _same_geometry(data[0], StreetScenesDataset("train", size=1, frames_per_street=3)[0])
     with pytest.raises(CorruptFileError, match="unreadable from byte"):
-        McapScenesDataset(cut, truncated="error")
+        McapScenesDataset(cut, strict=True)
     with pytest.raises(CorruptFileError, match="not a readable MCAP recording"):
         McapScenesDataset(_cut(whole, 0.001, tmp_path / "stub.mcap"))
 
@@ -237,13 +237,17 @@ def test_nuscenes_mistakes_name_table_token_and_file(nuscenes, tmp_path) -> None
     lost = root / rows[0]["filename"]
     lost.unlink()
     with pytest.raises(DataError, match=re.escape(f"sample_data {rows[0]['token']} (LIDAR_TOP) references {rows[0]['filename']}, which is not under")):
-        NuScenesDataset(root, "train")
-    data = NuScenesDataset(root, "train", missing="skip")
+        NuScenesDataset(root, "train", strict=True)
+    data = NuScenesDataset(root, "train")
     assert len(data) == 15 and len(data.skipped) == 1
+    shutil.copy(nuscenes / rows[0]["filename"], lost)
     bad = root / rows[2]["filename"]
     bad.write_bytes(b"\0" * 7)
-    with pytest.raises(CorruptFileError, match="5 float32 per point"):
-        [data[i] for i in range(len(data))]
+    with pytest.raises(CorruptFileError, match="5 float32 per point; 7 bytes"):
+        NuScenesDataset(root, "train", strict=True)
+    assert len(NuScenesDataset(root, "train")) == 15
+    with pytest.raises(CorruptFileError, match="5 float32 per point"):  # damaged after the scan: named when read
+        data[[i for i, (sample, _) in enumerate(data.samples) if sample["token"] == rows[2]["sample_token"]][0]]
     rows[4]["calibrated_sensor_token"] = "feedfacefeedfacefeedfacefeedface"
     (root / "v1.0-mini" / "sample_data.json").write_text(json.dumps(rows))
     with pytest.raises(DataError, match="references calibrated_sensor token 'feedfacefeedfacefeedfacefeedface'"):
@@ -285,7 +289,7 @@ def test_a_cut_recording_is_one_error_line_when_refused(recordings, tmp_path) ->
 
     cut = _cut(recordings / "train" / "street-0001.mcap", 0.5, tmp_path / "cut.mcap")
     proc = anymodal("train", "tiny-test", *SCENE, "recipe=camera_lidar_contrastive", "recipe.stages.*.steps=1",
-                    f"data.train={{name: mcap_scenes, path: '{cut}', truncated: error}}", "--run-dir", tmp_path / "run",
+                    f"data.train={{name: mcap_scenes, path: '{cut}'}}", "data.strict=true", "--run-dir", tmp_path / "run",
                     check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"anymodal train: error: corrupt or unreadable file '{cut}': unreadable from byte")

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ...core.args import float_arg
+from ...core.data import report_skipped
 from ...core.errors import CorruptFileError, DataError
 from ...core.registry import closest
 from .recording import STAMP, MessageReader, RecordingIndex, TransformTree, index_recording
@@ -106,21 +107,21 @@ class McapScenesDataset(Dataset):
             intrinsics scaled with it). Default: the layout ``export-mcap`` writes.
         reference: the sensor whose messages make the frames (default the first).
         tolerance: seconds between the reference stamp and another sensor's nearest message beyond
-            which the frame is skipped (counted in ``skipped``; ``missing: error`` raises instead).
+            which the frame is dropped (counted in ``dropped``, logged; ``missing: error`` raises instead).
         ego_frame, world_frame: the tf frames of the vehicle and of the world (``ego_pose`` is
             world <- ego at the reference stamp; ``world_frame: null`` leaves it out and takes the
             extrinsics without motion compensation).
         text_topic, label_topic: a std_msgs/String topic read as ``text`` and an integer one read as
             ``label`` (null: none).
-        truncated: ``keep`` uses the readable prefix of a cut recording and reports the loss;
-            ``error`` refuses it.
+        strict: refuse a damaged recording (cut by a crash, a chunk that does not decompress);
+            by default its readable prefix is used and the loss is logged and listed in ``skipped``.
         index_dir: where the index caches go (default: beside each recording, else the data cache).
     """
 
     def __init__(self, path: Any, split: str = "train", sensors: Optional[Mapping[str, Any]] = None,
                  reference: Optional[str] = None, tolerance: float = 0.05, ego_frame: str = "base_link",
                  world_frame: Optional[str] = "map", text_topic: Optional[str] = "/caption",
-                 label_topic: Optional[str] = "/street_kind", truncated: str = "keep", missing: str = "skip",
+                 label_topic: Optional[str] = "/street_kind", missing: str = "skip", strict: bool = False,
                  index_dir: Optional[str] = None) -> None:
         require_mcap("mcap_scenes")
         self.sensors = _check_sensors(DEFAULT_SENSORS if sensors is None else sensors)
@@ -128,12 +129,13 @@ class McapScenesDataset(Dataset):
         if self.reference not in self.sensors:
             raise DataError(f"mcap_scenes reference {self.reference!r} is not one of its sensors: {', '.join(self.sensors)}")
         self.tolerance_ns = int(float_arg("tolerance", tolerance) * 1e9)
-        if truncated not in ("keep", "error") or missing not in ("skip", "error"):
-            raise DataError(f"mcap_scenes truncated must be keep or error and missing skip or error; got "
-                            f"truncated={truncated!r}, missing={missing!r}")
+        if missing not in ("skip", "error") or not isinstance(strict, bool):
+            raise DataError(f"mcap_scenes missing must be skip or error and strict true or false; got "
+                            f"missing={missing!r}, strict={strict!r}")
         self.ego_frame, self.world_frame = ego_frame, world_frame
         self.text_topic, self.label_topic = text_topic, label_topic
-        self.skipped: list[tuple[str, str]] = []
+        self.skipped: list[tuple[str, str]] = []  # damaged recordings (their readable prefix is used)
+        self.dropped: list[tuple[str, str]] = []  # frames without a partner within tolerance, or an ego pose
         self.readers: list[MessageReader] = []
         self.trees: list[TransformTree] = []
         self.frame_ids: list[dict[str, str]] = []
@@ -141,13 +143,17 @@ class McapScenesDataset(Dataset):
         for path_ in _recordings(path, split):
             index = index_recording(path_, index_dir)
             if index.lost:
-                if truncated == "error":
+                if strict:
                     raise CorruptFileError(str(path_), index.lost)
                 log.warning("%s: %s; using the readable prefix (%d messages)", path_, index.lost, len(index.messages))
                 self.skipped.append((str(path_), index.lost))
             self._add_recording(index, missing)
+        report_skipped(self.skipped, str(path), "recording tail")
+        if self.dropped:
+            log.warning("dropped %d of %d frames under %s: %s (first: %s)", len(self.dropped),
+                        len(self.dropped) + len(self.frames), path, self.dropped[0][1], self.dropped[0][0])
         if not self.frames:
-            reasons = "; ".join(f"{p}: {r}" for p, r in self.skipped[:3])
+            reasons = "; ".join(f"{p}: {r}" for p, r in [*self.skipped, *self.dropped][:3])
             raise DataError(f"mcap_scenes found no complete frame in {path}" + (f" ({reasons})" if reasons else ""))
 
     # ---- indexing: which messages make each frame ------------------------------------------------
@@ -170,6 +176,10 @@ class McapScenesDataset(Dataset):
         rows = {}
         for role, (topic, kind) in self._roles().items():
             schema = index.topic_schema(topic)
+            if index.lost and (schema is None or not len(index.topic_rows(topic))):
+                # the part of a cut recording that was read has none of this topic yet: no frame in it
+                self.skipped[-1] = (index.path, f"{index.lost}; the readable part has no {topic} message")
+                return
             if schema is None:
                 near = closest(topic, index.topics())
                 raise DataError(f"{file}: no topic {topic!r} ({role})" + (f"; did you mean {near[0]!r}?" if near else "")
@@ -208,7 +218,7 @@ class McapScenesDataset(Dataset):
             if reason is not None:
                 if missing == "error":
                     raise DataError(f"{where}: {reason} (missing: skip drops such frames)")
-                self.skipped.append((where, reason))
+                self.dropped.append((where, reason))
                 continue
             self.frames.append((recording, picked))
 

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ...core.args import float_arg, int_arg
+from ...core.data import report_skipped
 from ...core.errors import CorruptFileError, DataError
 from .export import MINI_TRAIN, MINI_VAL
 from .mcap_data import _resize
@@ -50,18 +51,19 @@ class NuScenesDataset(Dataset):
         intensity_scale: the factor on the intensity column (nuScenes stores 0-255; 1/255 gives
             the [0, 1] of the generated scenes).
         image_size: ``[H, W]`` to resize the images to on read (intrinsics scaled with them).
-        missing: ``error`` refuses a sample whose files are missing; ``skip`` drops and counts it.
+        strict: refuse a sample whose files are missing or damaged; by default it is left out, and
+            listed in ``skipped`` and logged.
     """
 
     def __init__(self, root: str, split: str = "train", version: str = "v1.0-mini", scenes: Optional[Sequence[str]] = None,
                  lidar: str = "LIDAR_TOP", cameras: Sequence[str] = ("CAM_FRONT",), sweeps: int = 1,
-                 intensity_scale: float = 1 / 255, image_size: Optional[Sequence[int]] = None, missing: str = "error") -> None:
+                 intensity_scale: float = 1 / 255, image_size: Optional[Sequence[int]] = None, strict: bool = False) -> None:
         self.root = Path(str(root)).expanduser()
         self.sweeps = int_arg("sweeps", sweeps, 1)
         self.intensity_scale = float_arg("intensity_scale", intensity_scale)
         self.image_size = list(image_size) if image_size else None
-        if missing not in ("error", "skip"):
-            raise DataError(f"nuscenes missing must be error or skip, got {missing!r}")
+        if not isinstance(strict, bool):
+            raise DataError(f"nuscenes strict must be true or false, got {strict!r}")
         tables_dir = self.root / version
         if not tables_dir.is_dir():
             found = sorted(p.parent.name for p in self.root.glob("*/sample.json"))
@@ -104,11 +106,13 @@ class NuScenesDataset(Dataset):
                 problem = self._check_files(sample)
                 if problem is None:
                     self.samples.append((sample, scene))
-                elif missing == "error":
-                    raise DataError(f"{problem} (missing: skip drops such samples)")
+                elif strict:
+                    raise problem
                 else:
-                    self.skipped.append((f"sample {token}", problem))
+                    self.skipped.append((problem.path if isinstance(problem, CorruptFileError) else f"sample {token}",
+                                         str(problem)))
                 token = sample.get("next", "")
+        report_skipped(self.skipped, str(self.root), "nuScenes sample")
         if not self.samples:
             raise DataError(f"nuscenes found no readable sample in scenes {wanted[:5]} of {tables_dir}")
 
@@ -139,13 +143,25 @@ class NuScenesDataset(Dataset):
         raise DataError(f"nuscenes {version} split {split!r}: name the scenes to read with scenes: [scene-0001, ...] "
                         "(the mini version's train and test are its mini_train and mini_val)")
 
-    def _check_files(self, sample: dict[str, Any]) -> Optional[str]:
+    def _check_files(self, sample: dict[str, Any]) -> Optional[DataError]:
+        """What keeps ``sample`` from being read, found by a stat of its files: a missing file, a
+        sweep that is not 5 float32 per point, lidarseg labels of another length."""
         for channel in (self.lidar, *self.cameras):
             row = self.key_data.get((sample["token"], channel))
             if row is None:
-                return f"nuScenes sample {sample['token']} has no {channel} key frame in sample_data"
-            if not (self.root / row["filename"]).is_file():
-                return f"nuScenes sample_data {row['token']} ({channel}) references {row['filename']}, which is not under {self.root}"
+                return DataError(f"nuScenes sample {sample['token']} has no {channel} key frame in sample_data")
+            path = self.root / row["filename"]
+            if not path.is_file():
+                return DataError(f"nuScenes sample_data {row['token']} ({channel}) references {row['filename']}, "
+                                 f"which is not under {self.root}")
+            if channel == self.lidar:
+                size = path.stat().st_size
+                if size % 20:
+                    return CorruptFileError(str(path), f"a .pcd.bin holds 5 float32 per point; {size} bytes is not a multiple of 20")
+                seg = self.lidarseg.get(row["token"])
+                if seg is not None and (not (self.root / seg).is_file() or (self.root / seg).stat().st_size != size // 20):
+                    return CorruptFileError(str(self.root / seg), f"lidarseg labels of sample_data {row['token']}: "
+                                            f"{size // 20} points need {size // 20} bytes")
         return None
 
     def __len__(self) -> int:
