@@ -58,6 +58,72 @@ def _same_geometry(read: dict, made: dict) -> None:
     assert read["text"] == made["text"] and read["label"] == made["label"]
 
 
+class _Msg:
+    """A decoded ROS message as mcap-ros2-support gives it: attributes."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _field(name, offset, datatype, count=1):
+    return _Msg(name=name, offset=offset, datatype=datatype, count=count)
+
+
+def test_pointcloud2_layouts_read_by_offset() -> None:
+    from anymodal.plugins.scenes.ros import cloud_arrays
+
+    # an organised 2x3 cloud, big-endian, fields out of order with a gap (ring uint16 at 0, x y z
+    # float32 at 4.., intensity float64 at 20, time float32 at 28), 4 bytes of point padding and 8 of row padding
+    dtype = np.dtype({"names": ["ring", "x", "y", "z", "intensity", "t"], "formats": [">u2", ">f4", ">f4", ">f4", ">f8", ">f4"],
+                      "offsets": [0, 4, 8, 12, 20, 28], "itemsize": 36})
+    points = np.zeros((2, 3), dtype)
+    points["x"] = [[0, 1, np.nan], [3, 4, 5]]
+    points["y"], points["z"], points["ring"] = 1.5, -2.0, [[0, 0, 0], [1, 1, 1]]
+    points["intensity"], points["t"] = 0.25, [[0.0, 0.1, 0.2], [0.3, 0.4, 0.5]]
+    rows = b"".join(points[r].tobytes() + b"\xff" * 8 for r in range(2))
+    fields = [_field("ring", 0, 4), _field("x", 4, 7), _field("y", 8, 7), _field("z", 12, 7), _field("intensity", 20, 8),
+              _field("t", 28, 7)]
+    msg = _Msg(fields=fields, is_bigendian=True, point_step=36, row_step=36 * 3 + 8, height=2, width=3, data=rows)
+    cols = cloud_arrays(msg, "here")
+    np.testing.assert_array_equal(cols["x"], [0, 1, 3, 4, 5])  # the NaN hole of the organised cloud is dropped
+    np.testing.assert_array_equal(cols["ring"], [0, 0, 1, 1, 1])
+    np.testing.assert_allclose(cols["t"], [0.0, 0.1, 0.3, 0.4, 0.5], atol=1e-7)
+    assert cols["intensity"].dtype == np.float64 and (cols["intensity"] == 0.25).all()
+    with pytest.raises(DataError, match=r"here: PointCloud2 of 2x3 points of 36 bytes \(row_step 116\) needs 232 bytes, it holds 200"):
+        cloud_arrays(_Msg(**{**msg.__dict__, "data": rows[:200]}), "here")
+    with pytest.raises(DataError, match="field 'x' has datatype 9"):
+        cloud_arrays(_Msg(**{**msg.__dict__, "fields": [_field("x", 4, 9), *fields[2:]]}), "here")
+
+
+def test_image_encodings() -> None:
+    from anymodal.plugins.scenes.ros import compressed_image_message, image_array
+
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 4, 5)).astype(np.float32) / 255
+    bgr = (rgb[::-1].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    padded = b"".join(row.tobytes() + b"\0\0" for row in bgr)
+    got = image_array(_Msg(encoding="bgr8", height=4, width=5, step=17, data=padded), "sensor_msgs/msg/Image", "here")
+    np.testing.assert_allclose(got, rgb, atol=1e-6)
+    png = compressed_image_message(rgb, "cam", 0, "png")
+    np.testing.assert_allclose(image_array(_Msg(**png), "sensor_msgs/msg/CompressedImage", "here"), rgb, atol=1e-6)
+    with pytest.raises(DataError, match="Image encoding '16UC1' is not read"):
+        image_array(_Msg(encoding="16UC1", height=4, width=5, step=10, data=b""), "sensor_msgs/Image", "here")
+    with pytest.raises(DataError, match=r"here: CompressedImage \(jpeg\) does not decode"):
+        image_array(_Msg(format="jpeg", data=b"\xff\xd8 not a jpeg"), "sensor_msgs/msg/CompressedImage", "here")
+
+
+def test_quaternions_and_pose_interpolation() -> None:
+    from anymodal.plugins.scenes.data import _rigid
+    from anymodal.plugins.scenes.rotations import interpolate_rigid, quaternion_from_rotation, rigid_from_quaternion
+
+    for yaw, pitch in [(0.3, 0.1), (3.1, -0.2), (-2.0, 1.4), (np.pi, 0.0)]:
+        m = _rigid(yaw, pitch, (1, 2, 3))
+        np.testing.assert_allclose(rigid_from_quaternion(m[:3, 3], quaternion_from_rotation(m[:3, :3])), m, atol=1e-12)
+    a, b = _rigid(0.0, 0.0, (0, 0, 0)), _rigid(0.4, 0.0, (2, 0, 0))
+    np.testing.assert_allclose(interpolate_rigid(a, b, 0.5), _rigid(0.2, 0.0, (1, 0, 0)), atol=1e-12)
+    with pytest.raises(ValueError, match="finite and non-zero"):
+        rigid_from_quaternion([0, 0, 0], [0, 0, 0, 0])
+
+
 def test_mcap_round_trip_is_the_simulator(recordings) -> None:
     data = McapScenesDataset(recordings, "train")
     made = StreetScenesDataset("train", size=6, frames_per_street=3)
@@ -138,8 +204,10 @@ def test_truncated_recording_keeps_its_readable_prefix_and_reports_the_loss(reco
         McapScenesDataset(_cut(whole, 0.001, tmp_path / "stub.mcap"))
 
 
-def _write(path: Path, fields=("x", "y", "z", "intensity"), tf_static: bool = True, caption_on_points: bool = False) -> Path:
-    """A one-frame recording made by hand: a lidar cloud (with these fields), a camera, tf."""
+def _write(path: Path, fields=("x", "y", "z", "intensity"), tf_static: bool = True, caption_on_points: bool = False,
+           ego=((0, 0.0),), lidar_at: int = 0) -> Path:
+    """A one-frame recording made by hand: a lidar cloud (with these fields) ``lidar_at`` ns after the
+    camera, tf (map -> base_link at x metres for each (ns after the camera, x) of ``ego``)."""
     from mcap_ros2.writer import Writer
 
     from anymodal.plugins.scenes.ros import compressed_image_message
@@ -153,13 +221,17 @@ def _write(path: Path, fields=("x", "y", "z", "intensity"), tf_static: bool = Tr
             w.write_message("/tf_static", schemas["TFMessage"], {"transforms": [
                 {"header": {"stamp": ros_time(t), "frame_id": "base_link"}, "child_frame_id": c, "transform": identity}
                 for c in ("lidar_top", "cam_front")]}, log_time=t)
-        w.write_message("/tf", schemas["TFMessage"], {"transforms": [
-            {"header": {"stamp": ros_time(t), "frame_id": "map"}, "child_frame_id": "base_link", "transform": identity}]}, log_time=t)
+        for dt, x in ego:
+            moved = {**identity, "translation": {"x": x, "y": 0.0, "z": 0.0}}
+            w.write_message("/tf", schemas["TFMessage"], {"transforms": [
+                {"header": {"stamp": ros_time(t + dt), "frame_id": "map"}, "child_frame_id": "base_link", "transform": moved}]},
+                log_time=t + dt)
         cloud = {name: np.arange(4, dtype=np.float32) for name in fields}
         if caption_on_points:
             w.write_message("/lidar_top/points", schemas["String"], {"data": "not a cloud"}, log_time=t)
         else:
-            w.write_message("/lidar_top/points", schemas["PointCloud2"], cloud_message(cloud, "lidar_top", t), log_time=t)
+            w.write_message("/lidar_top/points", schemas["PointCloud2"], cloud_message(cloud, "lidar_top", t + lidar_at),
+                            log_time=t + lidar_at)
         w.write_message("/cam_front/image/compressed", schemas["CompressedImage"],
                         compressed_image_message(np.zeros((3, 16, 32)), "cam_front", t), log_time=t)
         w.write_message("/cam_front/camera_info", schemas["CameraInfo"], {
@@ -191,6 +263,19 @@ def test_mcap_input_mistakes_name_file_topic_and_frame(tmp_path) -> None:
         McapScenesDataset(tmp_path / "ok.mcap", sensors={"cam_front": {"image": "/x", "camera_inf": "/y"}})
     with pytest.raises(DataError, match="does not exist"):
         McapScenesDataset(tmp_path / "absent.mcap")
+
+
+def test_mcap_extrinsics_carry_the_ego_motion_between_sensor_stamps(tmp_path) -> None:
+    # the ego drives 1 m in 100 ms; the lidar fires 50 ms after the camera
+    path = _write(tmp_path / "moving.mcap", ego=((0, 0.0), (100_000_000, 1.0)), lidar_at=50_000_000)
+    sample = McapScenesDataset(path, text_topic=None, label_topic=None, sensors={
+        "lidar_top": {"points": "/lidar_top/points"},
+        "cam_front": {"image": "/cam_front/image/compressed", "camera_info": "/cam_front/camera_info"}})[0]
+    assert sample["ego_pose"][0, 3].item() == pytest.approx(0.5)  # interpolated at the lidar's stamp
+    assert sample["lidar_top/extrinsics"][0, 3].item() == pytest.approx(0.0, abs=1e-6)
+    # the camera saw the world from 0.5 m behind where the ego is at the lidar's stamp
+    assert sample["cam_front/extrinsics"][0, 3].item() == pytest.approx(-0.5)
+    assert sample["cam_front/timestamp"] == 0.0 and sample["lidar_top/timestamp"] == pytest.approx(0.05)
 
 
 def test_mcap_frames_without_a_partner_are_counted_or_refused(recordings) -> None:

@@ -74,7 +74,7 @@ def ros_time(ns: int) -> dict[str, int]:
 
 
 def cloud_arrays(msg: Any, where: str) -> dict[str, np.ndarray]:
-    """Each field of a ``PointCloud2`` as a ``[N]`` array (points whose x, y or z is not finite are
+    """Each field of a ``PointCloud2`` as a ``[N]`` array in native byte order (points whose x, y or z is not finite are
     dropped: unorganised returns and the holes of organised clouds). Row padding (``row_step`` beyond
     ``width * point_step``) and gaps between fields are skipped by offset.
 
@@ -106,7 +106,7 @@ def cloud_arrays(msg: Any, where: str) -> dict[str, np.ndarray]:
     raw = np.frombuffer(data, np.uint8, rows * msg.row_step).reshape(rows, msg.row_step)[:, :width * msg.point_step]
     points = np.ascontiguousarray(raw).view(dtype).reshape(-1)
     finite = np.isfinite(points["x"]) & np.isfinite(points["y"]) & np.isfinite(points["z"])
-    return {name: points[name][finite] for name in names}
+    return {name: points[name][finite].astype(points[name].dtype.newbyteorder("=")) for name in names}  # native order
 
 
 def cloud_message(columns: dict[str, np.ndarray], frame_id: str, stamp: int, padding: int = 0) -> dict[str, Any]:
