@@ -504,6 +504,10 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         if resolved_stage["masker"] and not OmegaConf.is_interpolation(stage, "masker"):
             errors += _build_errors(resolved_stage["masker"], components.masker, f"{prefix}.masker", src)
         errors += _unknown_sensor(f"{prefix}.sensor", resolved_stage["sensor"], cfg["modality"], src)
+        batch, parts = resolved_stage["batch_size"] or cfg["data"]["batch_size"], resolved_stage["optim"]["accumulate_steps"]
+        if isinstance(batch, int) and isinstance(parts, int) and parts > 0 and batch % parts:
+            errors.append(f"{prefix}.optim.accumulate_steps={parts} (from {src(prefix + '.optim.accumulate_steps')}) "
+                          f"must divide the batch size {batch} into equal micro-batches")
         if not resolved_stage["objectives"]:
             errors.append(f"{prefix} (from {src(prefix)}) lists no objectives")
         weight_errors = _weight_errors(resolved_stage, prefix, src)

@@ -231,6 +231,9 @@ class OptimConfig:
     min_lr: float = checked(0.0, AT_LEAST_0)
     clip_grad: float = checked(1.0, AT_LEAST_0)  # 0 disables clipping
     fused: str = checked("auto", OneOf(("auto", "true", "false"), fold_case=True))  # auto: fused AdamW on CUDA
+    # micro-batches per step: each rank's share of the batch in this many forward/backward passes,
+    # then one optimizer step (the activations of one micro-batch at a time)
+    accumulate_steps: int = checked(1, AT_LEAST_1)
 
 
 @dataclass

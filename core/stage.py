@@ -40,7 +40,7 @@ from .schedule import build_optimizer
 from .teachers import MovingTeacher, Teacher
 from .tokens import Tokens
 
-__all__ = ["StageRun", "StageSetup", "StepForward", "stage_steps", "to_device"]
+__all__ = ["StageRun", "StageSetup", "StepForward", "split_batch", "stage_steps", "to_device"]
 
 Masker = Callable[[Tokens, torch.Generator], Mask]
 
@@ -55,6 +55,16 @@ def stage_steps(stage: Any, num_samples: int, batch_size: int) -> int:
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A collated batch's tensors on ``device`` (other fields, such as text, as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """A collated batch as ``parts`` equal micro-batches, every field cut along its first dimension
+    (tensors and lists alike; the batch size must be a multiple of ``parts``)."""
+    if parts == 1:
+        return [batch]
+    size = len(next(iter(batch.values())))
+    step = size // parts
+    return [{k: v[i * step:(i + 1) * step] for k, v in batch.items()} for i in range(parts)]
 
 
 class StepForward(nn.Module):
@@ -195,6 +205,10 @@ class StageSetup:
         teacher, objectives, weights = self._objectives(backbone, name, stage)
         masker = build_masker(stage, self.components)
         batch_size = stage.batch_size or self.cfg.data.batch_size
+        share, micro = batch_size // self.world, stage.optim.accumulate_steps
+        if share % micro:
+            raise UserError(f"recipe.stages.{name}.optim.accumulate_steps={micro} must divide the batch each rank "
+                            f"takes: {share} (batch {batch_size} over {self.world} rank(s))")
         dataset = self._dataset(index, stage.sensor or backbone.sensor)
         total = stage_steps(stage, len(dataset), batch_size)
         monitor = OnlineMonitor(self.cfg, self.components, self.device) if self.cfg.eval.monitor_every and self.main else None

@@ -2,7 +2,8 @@
 
 `Trainer.run` walks the recipe; for each stage `core.stage.StageSetup` builds a `StageRun` (the
 model parts, optimizer, loader and resume point) and `Trainer._loop` consumes it, one `_step` per
-batch. Per step: tokenize -> mask -> objectives (summed with weights) -> backward -> clip -> AdamW.
+batch. Per step: tokenize -> mask -> objectives (summed with weights) -> backward (once per micro-batch
+with ``optim.accumulate_steps``) -> clip -> AdamW.
 bf16/fp16 autocast where the device supports it, a NaN/Inf guard, metrics to JSONL (and
 TensorBoard when installed), atomic checkpoints, and exact resume: the data order and
 augmentations are functions of the step (`core.data`), masks draw from a generator seeded by the
@@ -41,7 +42,7 @@ from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
 from .parallel import full_optimizer_state, save_shards
 from .runfolder import RunFolder
 from .schedule import lr_at
-from .stage import StageRun, StageSetup, StepForward, to_device
+from .stage import StageRun, StageSetup, StepForward, split_batch, to_device
 
 __all__ = ["Trainer", "NonFiniteLossError", "Preempted"]
 
@@ -267,24 +268,34 @@ class Trainer:
         return lr
 
     def _step(self, run: StageRun, raw: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """One optimizer step. Returns the step's metrics (the loss and the objectives' averaged over
+        """One optimizer step over ``optim.accumulate_steps`` micro-batches of the rank's share.
+        Returns the step's metrics (the loss and the objectives' averaged over micro-batches and
         ranks, as floats; ``grad_norm`` as it came, read when the step is logged) and whether to stop
         for a signal."""
         run.model.check_batch(raw)
-        loss, metrics = self._forward(run, to_device(raw, self.device))
-        # the one host sync of a step: loss and metrics averaged over ranks, the signal flag ORed
-        values, stop = mean_over_ranks([loss.detach(), *metrics.values()], flag=self.signals.received)
-        value, metrics = values[0], dict(zip(metrics, values[1:]))
-        if not math.isfinite(value):
-            self._non_finite(run, value, metrics)
-        grad_norm = self._update(run, loss)
-        return {"loss": value, "grad_norm": grad_norm, **metrics}, stop > 0
-
-    def _forward(self, run: StageRun, raw: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        """The step's loss and metrics, under autocast, with the masks of this step (and rank)."""
-        # each rank masks its own share of the batch: the mask stream depends on the rank too
+        parts = run.stage.optim.accumulate_steps
+        # each rank masks its own share of the batch: the mask stream depends on the rank too; the
+        # micro-batches draw from one stream in turn, as the whole share would
         seed_parts = (self.cfg.run.seed, run.index, run.step, 1) + ((self.rank,) if self.world > 1 else ())
         generator = torch.Generator().manual_seed(mix_seed(*seed_parts))
+        run.optimizer.zero_grad(set_to_none=True)
+        total: Optional[list[Tensor]] = None
+        for micro in split_batch(raw, parts):
+            loss, metrics = self._forward(run, to_device(micro, self.device), generator)
+            # under DDP every micro-batch's backward all-reduces: no_sync is unsafe with static_graph
+            run.scaler.scale(loss / parts if parts > 1 else loss).backward()
+            values = [loss.detach(), *metrics.values()]
+            total = values if total is None else [t + v for t, v in zip(total, values)]
+        # the one host sync of a step: loss and metrics averaged over ranks, the signal flag ORed
+        averaged, stop = mean_over_ranks([t / parts for t in total] if parts > 1 else total, flag=self.signals.received)
+        value, metrics = averaged[0], dict(zip(metrics, averaged[1:]))
+        if not math.isfinite(value):
+            self._non_finite(run, value, metrics)
+        grad_norm = self._update(run)
+        return {"loss": value, "grad_norm": grad_norm, **metrics}, stop > 0
+
+    def _forward(self, run: StageRun, raw: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+        """A micro-batch's loss and metrics, under autocast, masked from ``generator``."""
         if self.cfg.run.cuda_graphs:  # a new step: graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with self.autocast(), sdpa_kernels(self.cfg.run.sdpa_kernel):
@@ -298,10 +309,9 @@ class Trainer:
             f"the update was not applied. Last good checkpoint: {last or 'none written yet'}"
             + (" (continue with --resume after fixing the cause)" if last else ""))
 
-    def _update(self, run: StageRun, loss: Tensor) -> Union[Tensor, float]:
-        """Backward, clip (``optim.clip_grad``) and step; the gradient norm before clipping (NaN unclipped)."""
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
+    def _update(self, run: StageRun) -> Union[Tensor, float]:
+        """Clip (``optim.clip_grad``) and step on the accumulated gradients; their norm before
+        clipping (NaN unclipped)."""
         grad_norm: Union[Tensor, float] = float("nan")
         if run.stage.optim.clip_grad:
             run.scaler.unscale_(run.optimizer)

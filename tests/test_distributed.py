@@ -158,3 +158,15 @@ def test_fsdp_sigterm_writes_shards_and_resumes_exactly(tmp_path):
     assert losses(run) == losses(tmp_path / "whole")
     assert max_weight_difference(run / "checkpoints/pretrain-final.pt", tmp_path / "whole/checkpoints/pretrain-final.pt") == 0.0
     assert losses(one_process)[-1][1] == 20
+
+
+def test_two_ranks_accumulating_micro_batches_match_the_whole_share(tmp_path):
+    """optim.accumulate_steps under DDP: each rank's share in 2 micro-batches (every backward
+    all-reduced) gives the losses and weights of the share in one pass."""
+    mae = ["tiny-test", "recipe.stages.pretrain.steps=6", "run.threads=1"]
+    torchrun("train", *mae, "--run-dir", tmp_path / "whole")
+    torchrun("train", *mae, "recipe.stages.pretrain.optim.accumulate_steps=2", "--run-dir", tmp_path / "micro")
+    for (_, _, a), (_, _, b) in zip(losses(tmp_path / "whole"), losses(tmp_path / "micro")):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    final = "checkpoints/pretrain-final.pt"
+    assert max_weight_difference(tmp_path / "whole" / final, tmp_path / "micro" / final) < 1e-4
