@@ -62,17 +62,17 @@ def test_micro_batches_give_the_losses_of_the_whole_batch(tmp_path):
     step) trains like the batch of 32 in one pass (MAE: a mean over samples of equal token counts;
     masks and augmentations drawn in the same order), and resumes exactly after kill -9."""
     run = tmp_path / "micro"
-    args = ["train", "tiny-test", "--run-dir", run, "recipe.stages.pretrain.steps=30", "data.num_workers=1",
+    args = ["train", "tiny-test", "--run-dir", run, "recipe.stages.pretrain.steps=16", "data.num_workers=1",
             "recipe.stages.pretrain.optim.accumulate_steps=4", "data.transforms=[{name: random_translate, max_shift: 1}]"]
     proc = spawn(*args)
-    wait_for_step(run, 11, proc)
+    wait_for_step(run, 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     anymodal(*args, "--resume")
     whole = tmp_path / "whole"
-    anymodal("train", "tiny-test", "--run-dir", whole, "recipe.stages.pretrain.steps=30", "data.num_workers=1",
+    anymodal("train", "tiny-test", "--run-dir", whole, "recipe.stages.pretrain.steps=16", "data.num_workers=1",
              "data.transforms=[{name: random_translate, max_shift: 1}]")
-    assert [s for _, s, _ in losses(run)] == list(range(1, 31))
+    assert [s for _, s, _ in losses(run)] == list(range(1, 17))
     for (_, _, a), (_, _, b) in zip(losses(run), losses(whole)):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
 
