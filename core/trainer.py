@@ -283,11 +283,11 @@ class Trainer:
         for micro in split_batch(raw, parts):
             loss, metrics = self._forward(run, to_device(micro, self.device), generator)
             # under DDP every micro-batch's backward all-reduces: no_sync is unsafe with static_graph
-            run.scaler.scale(loss / parts if parts > 1 else loss).backward()
+            run.scaler.scale(loss / parts).backward()
             values = [loss.detach(), *metrics.values()]
             total = values if total is None else [t + v for t, v in zip(total, values)]
         # the one host sync of a step: loss and metrics averaged over ranks, the signal flag ORed
-        averaged, stop = mean_over_ranks([t / parts for t in total] if parts > 1 else total, flag=self.signals.received)
+        averaged, stop = mean_over_ranks([t / parts for t in total], flag=self.signals.received)
         value, metrics = averaged[0], dict(zip(metrics, averaged[1:]))
         if not math.isfinite(value):
             self._non_finite(run, value, metrics)

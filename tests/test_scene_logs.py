@@ -19,9 +19,9 @@ pytest.importorskip("mcap_ros2")
 from anymodal.core.errors import CorruptFileError, DataError  # noqa: E402
 from anymodal.core.geometry import project_points  # noqa: E402
 from anymodal.plugins.scenes.data import StreetScenesDataset  # noqa: E402
-from anymodal.plugins.scenes.export import MINI_TRAIN, export_mcap, export_nuscenes  # noqa: E402
+from anymodal.plugins.scenes.export import export_mcap, export_nuscenes  # noqa: E402
 from anymodal.plugins.scenes.mcap_data import McapScenesDataset  # noqa: E402
-from anymodal.plugins.scenes.nuscenes import NuScenesDataset  # noqa: E402
+from anymodal.plugins.scenes.nuscenes import MINI_TRAIN, NuScenesDataset  # noqa: E402
 from anymodal.plugins.scenes.ros import MSGDEFS, cloud_message, ros_time  # noqa: E402
 
 GEOMETRY = ("lidar_top", "lidar_top/labels", "lidar_top/extrinsics", "cam_front/intrinsics", "cam_front/extrinsics", "ego_pose")
@@ -151,6 +151,21 @@ def test_mcap_raw_images_padded_clouds_and_radar(recordings) -> None:
             torch.testing.assert_close(read[key].double(), made[i][key].double(), atol=1e-5, rtol=0)
         # the radar's extrinsics: its stamp is 20 ms after the camera's; the ego holds still within a frame
         torch.testing.assert_close(read["radar_front/extrinsics"], made[i]["radar_front/extrinsics"], atol=1e-4, rtol=0)
+
+
+def test_images_resized_on_read_keep_their_calibration(recordings, nuscenes) -> None:
+    """image_size on either reader: the picture is resized and the intrinsics scale with it, so the
+    lidar points still land on the same part of the image."""
+    sensors = {"lidar_top": {"points": "/lidar_top/points", "labels": "label"},
+               "cam_front": {"image": "/cam_front/image/compressed", "camera_info": "/cam_front/camera_info",
+                             "image_size": [64, 96]}}
+    for small, full in ((McapScenesDataset(recordings, "train", sensors=sensors)[0], McapScenesDataset(recordings, "train")[0]),
+                        (NuScenesDataset(nuscenes, "train", image_size=[64, 96])[0], NuScenesDataset(nuscenes, "train")[0])):
+        assert small["cam_front"].shape == (3, 64, 96)
+        k = full["cam_front/intrinsics"].double()
+        torch.testing.assert_close(small["cam_front/intrinsics"].double(), torch.diag(k.new_tensor([96 / 256, 64 / 128, 1.0])) @ k)
+        # the mean colour of a resized image is that of the full one (antialiased)
+        assert (small["cam_front"].mean((1, 2)) - full["cam_front"].mean((1, 2))).abs().max() < 0.01
 
 
 def test_mcap_index_is_cached_beside_the_recording_and_rebuilt_when_it_changes(recordings, tmp_path) -> None:

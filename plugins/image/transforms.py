@@ -28,7 +28,7 @@ def _check_image(x: Tensor, who: str) -> None:
         raise DataError(f"{who} expects a floating-point tensor, got {x.dtype}")
 
 
-def _resize(x: Tensor, height: int, width: int) -> Tensor:
+def resize_image(x: Tensor, height: int, width: int) -> Tensor:
     """Bilinear resize of one ``[C, H, W]`` image (antialiased, so shrinking does not alias)."""
     if x.shape[-2:] == (height, width):
         return x.clone()
@@ -109,7 +109,7 @@ class RandomResizedCrop:
         """
         _check_image(x, "RandomResizedCrop")
         i, j, h, w = self._box(x.shape[-2], x.shape[-1], generator)
-        return _resize(x[:, i : i + h, j : j + w], self.size, self.size)
+        return resize_image(x[:, i : i + h, j : j + w], self.size, self.size)
 
     def __repr__(self) -> str:
         return (
@@ -159,7 +159,7 @@ class Resize:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Resize one image ``[C, H, W]``; ``generator`` is accepted for a uniform interface."""
         _check_image(x, "Resize")
-        return _resize(x, self.size, self.size)
+        return resize_image(x, self.size, self.size)
 
     def __repr__(self) -> str:
         return f"Resize(size={self.size})"

@@ -20,22 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from .data import CLASSES, StreetScenesDataset
+from .nuscenes import MINI_TRAIN, MINI_VAL
 from .ros import MSGDEFS, cloud_message, compressed_image_message, image_message, intrinsics_to_ros, ros_time
 from .rotations import quaternion_from_rotation
 from .world import STREET_KINDS
 
-__all__ = ["export_mcap", "export_nuscenes", "MINI_TRAIN", "MINI_VAL"]
+__all__ = ["export_mcap", "export_nuscenes"]
 
 START_NS = 1_700_000_000 * 1_000_000_000  # the recordings' clock: a plausible epoch time
-# nuScenes v1.0-mini's scenes by split (the devkit's splits.mini_train and mini_val)
-MINI_TRAIN = ("scene-0061", "scene-0553", "scene-0655", "scene-0757", "scene-0796", "scene-1077", "scene-1094",
-              "scene-1100")
-MINI_VAL = ("scene-0103", "scene-0916")
 
 
 def _frame_ns(index: int, offset: float = 0.0) -> int:

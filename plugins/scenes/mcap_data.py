@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from ...core.data import report_skipped
 from ...core.errors import CorruptFileError, DataError
 from ...core.registry import closest
 from .recording import STAMP, MessageReader, RecordingIndex, TransformTree, index_recording
-from .ros import cloud_arrays, image_array, intrinsics_from_ros, schema_type
+from .ros import cloud_arrays, image_array, intrinsics_from_ros, resize_camera, schema_type
 
 __all__ = ["McapScenesDataset", "DEFAULT_SENSORS", "require_mcap"]
 
@@ -176,7 +176,8 @@ class McapScenesDataset(Dataset):
         rows = {}
         for role, (topic, kind) in self._roles().items():
             schema = index.topic_schema(topic)
-            if index.lost and (schema is None or not len(index.topic_rows(topic))):
+            rows[role] = index.topic_rows(topic)
+            if index.lost and (schema is None or not len(rows[role])):
                 # the part of a cut recording that was read has none of this topic yet: no frame in it
                 self.skipped[-1] = (index.path, f"{index.lost}; the readable part has no {topic} message")
                 return
@@ -188,7 +189,6 @@ class McapScenesDataset(Dataset):
                 raise DataError(f"{file}: topic {topic!r} ({role}) carries {schema['name'] or 'no schema'} "
                                 f"({schema['encoding'] or 'no encoding'}); {kind} reads {' or '.join(_SCHEMAS[kind])} "
                                 "in the ros2msg encoding")
-            rows[role] = index.topic_rows(topic)
             if not len(rows[role]):
                 raise DataError(f"{file}: topic {topic!r} ({role}) has no messages")
         recording = len(self.readers)
@@ -304,9 +304,9 @@ class McapScenesDataset(Dataset):
                 raise DataError(f"{where}: CameraInfo on {node['camera_info']} has no usable K: {list(info.k)}")
             out[f"{name}/intrinsics"] = k
         if node.get("image_size"):
-            image, scale = _resize(image, node["image_size"], where)
-            if f"{name}/intrinsics" in out:
-                out[f"{name}/intrinsics"] = np.diag([scale[1], scale[0], 1.0]) @ out[f"{name}/intrinsics"]
+            image, k = resize_camera(image, out.get(f"{name}/intrinsics"), node["image_size"], where)
+            if k is not None:
+                out[f"{name}/intrinsics"] = k
         out[name] = image
         if f"{name}/intrinsics" in out:
             out[f"{name}/intrinsics"] = torch.from_numpy(out[f"{name}/intrinsics"].astype(np.float32))
@@ -319,14 +319,3 @@ def _nearest(stamps: np.ndarray, t: int) -> int:
     if j == len(stamps) or (j > 0 and t - stamps[j - 1] <= stamps[j] - t):
         j -= 1
     return j
-
-
-def _resize(image: torch.Tensor, size: Sequence[int], where: str) -> tuple[torch.Tensor, tuple[float, float]]:
-    """``image [3, H, W]`` resized to ``size (H, W)`` (bilinear, antialiased), and the (row, column) scale.
-    With the image's corner at 0, the intrinsics scale exactly by it."""
-    if len(size) != 2 or any(int(s) < 1 for s in size):
-        raise DataError(f"{where}: image_size must be [H, W], got {list(size)}")
-    h, w = (int(s) for s in size)
-    scale = (h / image.shape[1], w / image.shape[2])
-    resized = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].clamp(0, 1), scale

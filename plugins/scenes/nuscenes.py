@@ -25,15 +25,17 @@ from torch.utils.data import Dataset
 from ...core.args import float_arg, int_arg
 from ...core.data import report_skipped
 from ...core.errors import CorruptFileError, DataError
-from .export import MINI_TRAIN, MINI_VAL
-from .mcap_data import _resize
-from .ros import intrinsics_from_ros
+from .ros import intrinsics_from_ros, resize_camera
 from .rotations import rigid_from_quaternion
 
-__all__ = ["NuScenesDataset"]
+__all__ = ["NuScenesDataset", "MINI_TRAIN", "MINI_VAL"]
 
 log = logging.getLogger(__name__)
 TABLES = ("scene", "sample", "sample_data", "calibrated_sensor", "ego_pose", "sensor", "log")
+# nuScenes v1.0-mini's scenes by split (the devkit's splits.mini_train and mini_val)
+MINI_TRAIN = ("scene-0061", "scene-0553", "scene-0655", "scene-0757", "scene-0796", "scene-1077", "scene-1094",
+              "scene-1100")
+MINI_VAL = ("scene-0103", "scene-0916")
 
 
 class NuScenesDataset(Dataset):
@@ -254,8 +256,7 @@ class NuScenesDataset(Dataset):
             raise DataError(f"nuScenes calibrated_sensor {calibration['token']} ({channel}) has no 3x3 camera_intrinsic ({e})") from None
         key = channel.lower()
         if self.image_size:
-            image, (sy, sx) = _resize(image, self.image_size, str(path))
-            k = np.diag([sx, sy, 1.0]) @ k
+            image, k = resize_camera(image, k, self.image_size, str(path))
         extrinsics = np.linalg.inv(ego) @ self._sensor_to_world(row)  # camera at its time -> ego at the lidar's
         return {key: image, f"{key}/intrinsics": torch.from_numpy(k.astype(np.float32)),
                 f"{key}/extrinsics": torch.from_numpy(extrinsics.astype(np.float32)),

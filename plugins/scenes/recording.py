@@ -351,7 +351,7 @@ class MessageReader:
             else:
                 self._file.seek(offset)
                 head = self._file.read(9)
-                opcode, length = head[0], struct.unpack("<Q", head[1:9])[0]
+                length = struct.unpack("<Q", head[1:9])[0]
                 body = self._file.read(length)
                 record = next(iter(StreamReader(io.BytesIO(head + body), skip_magic=True, emit_chunks=True).records))
                 records = breakup_chunk(record) if isinstance(record, Chunk) else [record]

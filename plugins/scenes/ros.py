@@ -12,14 +12,15 @@ image's top-left corner at 0 (`anymodal.core.geometry`), so ``cx, cy`` differ by
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
 
 from ...core.errors import DataError
 
 __all__ = ["MSGDEFS", "schema_type", "stamp_ns", "ros_time", "cloud_arrays", "cloud_message", "image_array",
-           "image_message", "compressed_image_message", "intrinsics_from_ros", "intrinsics_to_ros"]
+           "image_message", "compressed_image_message", "intrinsics_from_ros", "intrinsics_to_ros", "resize_camera"]
 
 _SEPARATOR = "\n" + "=" * 80 + "\n"
 _TIME = "MSG: builtin_interfaces/Time\nint32 sec\nuint32 nanosec"
@@ -190,3 +191,16 @@ def intrinsics_to_ros(intrinsics: np.ndarray) -> list[float]:
     m = np.asarray(intrinsics, np.float64).copy()
     m[:2, 2] -= 0.5 * m[2, 2]
     return [float(v) for v in m.reshape(-1)]
+
+
+def resize_camera(image: torch.Tensor, intrinsics: Optional[np.ndarray], size: Sequence[int],
+                  where: str) -> tuple[torch.Tensor, Optional[np.ndarray]]:
+    """``image [3, H, W]`` resized to ``size (H, W)`` by the image plugin's antialiased resize, and
+    its ``[3, 3]`` intrinsics scaled to match (exact: the image's corner is at 0)."""
+    from ..image.transforms import resize_image
+
+    if len(size) != 2 or any(int(s) < 1 for s in size):
+        raise DataError(f"{where}: image_size must be [H, W], got {list(size)}")
+    h, w = (int(s) for s in size)
+    scale = np.diag([w / image.shape[2], h / image.shape[1], 1.0])
+    return resize_image(image, h, w).clamp(0, 1), None if intrinsics is None else scale @ intrinsics
