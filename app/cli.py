@@ -252,7 +252,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="checkpoint file (default: the run's last)")
     s.add_argument("--out", help="output folder (default: the run's export/)")
     s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("shards", help="shard tools: `shards write CONFIG --out DIR` writes a config's dataset as shards")
+    shards_sub = s.add_subparsers(dest="shards_command", required=True)
+    s = shards_sub.add_parser("write", help="write data.train and data.test as webdataset shards with a manifest")
+    with_config(s)
+    s.add_argument("--out", required=True, help="folder or fsspec URL (s3://bucket/prefix); each split in a sub-folder")
+    s.add_argument("--split", default="train,test", help="train, test or train,test (default)")
+    s.add_argument("--shard-size", default="64MB", help="target bytes per shard (default 64MB)")
+    s.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_shards_write)
     return p
+
+
+def _cmd_shards_write(args: argparse.Namespace) -> int:
+    from .shards import cmd_write
+
+    return cmd_write(args)
 
 
 def _message(error: BaseException) -> str:

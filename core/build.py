@@ -29,6 +29,7 @@ from .backbone import Backbone, SensorInput
 from .checkpoint import load_checkpoint, load_model_state
 from .config import objective_nodes
 from .encoder import Encoder
+from .mix import MixDataset
 from .posenc import build_posenc
 from .registry import nested_components
 from .runfolder import RunFolder
@@ -142,11 +143,24 @@ def build_backbone(cfg: DictConfig, components: Any) -> Backbone:
 
 
 def build_dataset(cfg: DictConfig, split: str, components: Any) -> Dataset:
-    """The dataset of ``data.<split>``; ``data.strict`` reaches factories that take ``strict``."""
+    """The dataset of ``data.<split>`` (``data.mix``'s sources, weighted, in place of ``train`` when
+    given); ``data.strict`` reaches factories that take ``strict``."""
+    if split == "train" and cfg.data.get("mix"):
+        sources, weights = [], []
+        for i, node in enumerate(cfg.data.mix):
+            kwargs = _plain(node)
+            weights.append(kwargs.pop("weight"))
+            label = str(kwargs.pop("label", None) or f"{kwargs['name']}{i}")
+            sources.append((label, _dataset(kwargs, split, cfg, components)))
+        return MixDataset(sources, weights)
     node = cfg.data[split]
     if not node:
         raise ValueError(f"config has no data.{split} dataset")
-    name, kwargs = _split_name(node)
+    return _dataset(_plain(node), split, cfg, components)
+
+
+def _dataset(kwargs: dict, split: str, cfg: DictConfig, components: Any) -> Dataset:
+    name = kwargs.pop("name")
     kwargs.setdefault("split", split)
     entry = components.dataset.entry(name)
     if "strict" in inspect.signature(entry.factory).parameters:

@@ -451,6 +451,26 @@ def _scene_transform_errors(cfg: Mapping, components: Any, src: Callable[[str], 
     return errors
 
 
+def _mix_errors(mix: list, components: Any, src: Callable[[str], str]) -> list[str]:
+    """``data.mix``: each source a dataset node with a positive ``weight`` (and an optional ``label``)."""
+    errors, labels = [], []
+    for i, node in enumerate(mix):
+        key = f"data.mix.{i}"
+        if not isinstance(node, Mapping):
+            errors.append(f"{key} (from {src('data.mix')}) must be a mapping: {{weight: W, name: DATASET, ...}}")
+            continue
+        weight = node.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or weight == float("inf"):
+            errors.append(f"{key}.weight (from {src('data.mix')}) must be a positive number, got {weight!r}")
+        label = str(node.get("label") or f"{node.get('name')}{i}")
+        if label in labels:
+            errors.append(f"{key}.label {label!r} (from {src('data.mix')}) names two sources; give each its own label")
+        labels.append(label)
+        dataset = {k: v for k, v in node.items() if k not in ("weight", "label")}
+        errors += _component_errors(dataset, components.dataset, key, lambda _: src("data.mix"), ["split"])
+    return errors
+
+
 def validate(composed: ComposedConfig, components: Any) -> None:
     """Check every value against its schema rule and every component node against its registry and
     factory signature (maskers are built once); report all at once.
@@ -473,8 +493,9 @@ def validate(composed: ComposedConfig, components: Any) -> None:
         errors += _build_errors(cfg["modality"]["masker"], components.masker, "modality.masker", src)
     errors += _sensor_errors(cfg["modality"], components, src, None if errors else model_shape(composed.cfg.model)[0])
     for split in ("train", "test"):
-        if cfg["data"][split]:
+        if cfg["data"][split] and not (split == "train" and cfg["data"]["mix"]):
             errors += _component_errors(cfg["data"][split], components.dataset, f"data.{split}", src, ["split"])
+    errors += _mix_errors(cfg["data"]["mix"], components, src)
     for i, node in enumerate(cfg["data"]["transforms"]):
         errors += _component_errors(node, components.transform, f"data.transforms.{i}", lambda _: src("data.transforms"), [])
     errors += _scene_transform_errors(cfg, components, src)

@@ -215,6 +215,8 @@ class ModalityConfig:
 class DataConfig:
     train: Dict[str, Any] = field(default_factory=dict)
     test: Dict[str, Any] = field(default_factory=dict)
+    # weighted sources in place of `train`: [{weight: 0.7, label: a, name: shards, path: ...}, ...] (core/mix.py)
+    mix: List[Dict[str, Any]] = field(default_factory=list)
     transforms: List[Dict[str, Any]] = field(default_factory=list)  # training augmentations, in order
     batch_size: int = checked(64, AT_LEAST_1)
     num_workers: int = checked(0, AT_LEAST_0)

@@ -8,7 +8,13 @@ from ..objectives.distill import MaskedDistill, UnmaskedTokenDistill
 from ..objectives.image_to_lidar import ImageToLidar
 from ..objectives.jepa import Jepa
 from ..objectives.masked_pixel import MaskedPixel
+from ..core.shards import ShardDataset
 from . import hookimpl
+
+
+@hookimpl
+def register_datasets():
+    return {"shards": ShardDataset}
 
 
 @hookimpl

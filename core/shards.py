@@ -1,0 +1,279 @@
+"""Shard folders as map-style datasets: random access by global sample index.
+
+The order of a run stays anymodal's (`StepBatchSampler`: a function of the seed and the step,
+whatever the ranks and workers), so a shard dataset only has to answer ``dataset[i]``: the manifest
+maps ``i`` to a shard and a sample in it, a header scan of the tar (done once per shard and
+process) maps the sample to byte ranges, and ``os.pread`` reads them. A folder at an fsspec URL
+(``s3://bucket/prefix``) is read the same way from a local copy of each shard, fetched on first use
+and checked against the manifest's SHA-256.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Optional
+
+from .data import cache_dir, report_skipped
+from .errors import DataError
+from .shard_format import MANIFEST, check_manifest, decode_member, index_tar
+
+__all__ = ["ShardDataset", "ShardStore", "is_url", "sha256_of"]
+
+log = logging.getLogger(__name__)
+_OPEN_FILES = 64  # shard files one process keeps open
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardStore:
+    """Where a shard folder lives: a local folder, or an fsspec URL with a local cache of its shards.
+
+    Credentials for object storage come from the usual places (``AWS_*`` variables, ``~/.aws``) or
+    ``storage_options``; they are never logged.
+    """
+
+    def __init__(self, root: str, cache: Optional[str] = None, storage_options: Optional[dict] = None) -> None:
+        self.root = str(root).rstrip("/")
+        self.remote = is_url(self.root)
+        self.storage_options = dict(storage_options or {})
+        self.cache = cache or (cache_dir("shards", hashlib.sha1(self.root.encode()).hexdigest()[:16]) if self.remote else None)
+        self._fs = None
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            try:
+                import fsspec
+            except ImportError:
+                raise DataError(f"reading shards at {self.root} needs fsspec (and s3fs for s3://): "
+                                "pip install 'anymodal[shards]'") from None
+            try:
+                self._fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
+            except (ImportError, ValueError) as e:
+                raise DataError(f"cannot open {self.root}: {e}") from None
+        return self._fs
+
+    def __getstate__(self) -> dict:  # loader workers open their own connection
+        return {**self.__dict__, "_fs": None}
+
+    def url(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def read_text(self, name: str) -> str:
+        where = self.url(name)
+        try:
+            if not self.remote:
+                return Path(where).read_text()
+            with self.fs.open(where, "rb") as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            raise DataError(f"no {name} at {self.root}: not a shard folder (write one with `anymodal shards write`)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {where}: {type(e).__name__}: {e}") from None
+
+    def sizes(self) -> dict[str, int]:
+        """Shard file name -> size in bytes, one listing."""
+        try:
+            if not self.remote:
+                return {e.name: e.stat().st_size for e in os.scandir(self.root) if e.is_file()}
+            return {Path(e["name"]).name: int(e["size"]) for e in self.fs.ls(self.root, detail=True)
+                    if e.get("type") == "file"}
+        except OSError as e:
+            raise DataError(f"cannot list {self.root}: {type(e).__name__}: {e}") from None
+
+    def local(self, name: str, sha256: str, verified: set, verify: bool = True) -> str:
+        """A local path holding shard ``name``, checked against ``sha256`` once per process (``verified``
+        holds the names checked); fetched into the cache first when the folder is remote."""
+        if not self.remote:
+            path = os.path.join(self.root, name)
+            if verify and name not in verified:
+                self._check(path, sha256, name)
+                verified.add(name)
+            return path
+        path = os.path.join(self.cache, name)
+        if os.path.isfile(path) and (not verify or name in verified or _digest_matches(path, sha256)):
+            verified.add(name)
+            return path
+        os.makedirs(self.cache, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            self.fs.get_file(self.url(name), tmp)
+            self._check(tmp, sha256, name)  # always: a fetch is where a shard gets damaged
+            os.replace(tmp, path)  # whole files only: workers fetching the same shard race harmlessly
+        except FileNotFoundError:
+            raise DataError(f"shard {self.url(name)} is gone (it was listed when the run started)") from None
+        except OSError as e:
+            raise DataError(f"cannot fetch shard {self.url(name)}: {type(e).__name__}: {e}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        verified.add(name)
+        return path
+
+    def _check(self, path: str, sha256: str, name: str) -> None:
+        try:
+            ok = _digest_matches(path, sha256)
+        except FileNotFoundError:
+            raise DataError(f"shard {self.url(name)} is gone (it was listed when the run started)") from None
+        if not ok:
+            raise DataError(f"shard {self.url(name)} does not match the manifest's SHA-256: it changed after it was "
+                            "written; write the shards again, or restore that file")
+
+
+def _digest_matches(path: str, sha256: str) -> bool:
+    return sha256_of(path) == sha256
+
+
+class ShardDataset:
+    """The samples of a shard folder (``anymodal shards write``), by global index.
+
+    Args:
+        path: the folder, or an fsspec URL; ``<path>/<split>`` when that holds a manifest (the
+            writer puts each split in a folder of its own).
+        split: the config split asking (``train`` or ``test``).
+        cache: where a remote folder's shards are kept (default: the anymodal cache).
+        verify: check each shard's SHA-256 before its first read in a process.
+        strict: a missing or wrong-sized shard is an error instead of a counted skip.
+        storage_options: passed to fsspec (endpoint, profile); prefer environment variables for secrets.
+
+    Attributes:
+        skipped: ``(shard, reason)`` for every shard left out (missing, or another size than written).
+        manifest: the folder's manifest.
+    """
+
+    def __init__(self, path: str, split: Optional[str] = None, cache: Optional[str] = None, verify: bool = True,
+                 strict: bool = False, storage_options: Optional[dict] = None) -> None:
+        store = ShardStore(path, cache, storage_options)
+        if split and _has_manifest(store, split):
+            store = ShardStore(store.url(split), cache and os.path.join(cache, split), storage_options)
+        self.store, self.verify = store, verify
+        where = store.url(MANIFEST)
+        try:
+            manifest = json.loads(store.read_text(MANIFEST))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} is not valid JSON: {e}") from None
+        self.manifest = check_manifest(manifest, where)
+        self.fields = dict(self.manifest["fields"])
+        sizes = store.sizes()
+        self.shards, self.skipped, counts = [], [], []
+        for shard in self.manifest["shards"]:
+            found = sizes.get(shard["name"])
+            problem = ("missing" if found is None else
+                       f"{found} bytes, the manifest says {shard['bytes']}" if found != shard["bytes"] else None)
+            if problem:
+                if strict:
+                    raise DataError(f"shard {store.url(shard['name'])} is {problem} (data.strict is on)")
+                self.skipped.append((shard["name"], problem))
+            elif shard["samples"]:
+                self.shards.append(shard)
+                counts.append(shard["samples"])
+        report_skipped(self.skipped, store.root, "shard")
+        self.starts = [0]
+        for n in counts:
+            self.starts.append(self.starts[-1] + n)
+        if not self.starts[-1]:
+            raise DataError(f"no readable samples in the shards at {store.root}")
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._files: OrderedDict[int, int] = OrderedDict()
+        self._indices: dict[int, list] = {}
+        self._verified: set = set()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_indices", "_verified", "_pid")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(shard number in self.shards, sample number in it)`` of global sample ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} is out of range for {len(self)} samples")
+        s = bisect.bisect_right(self.starts, index) - 1
+        return s, index - self.starts[s]
+
+    def _shard(self, s: int) -> tuple[int, list]:
+        """Shard ``s`` open (read once, to check it and index it, the first time in a process), and its
+        sample index. Reads go through ``os.pread``: a file cut short under a running job is a
+        DataError, not a crash."""
+        if self._pid != os.getpid():  # a forked worker opens the files itself
+            self._reset()
+        fd = self._files.get(s)
+        if fd is not None:
+            self._files.move_to_end(s)
+            return fd, self._indices[s]
+        shard = self.shards[s]
+        where = self.store.url(shard["name"])
+        path = self.store.local(shard["name"], shard["sha256"], self._verified, verify=False)  # checked below
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            if s not in self._indices:
+                data = os.pread(fd, shard["bytes"] + 1, 0)
+                if len(data) != shard["bytes"]:
+                    raise DataError(f"shard {where} is {len(data)} bytes now, the manifest says {shard['bytes']}")
+                if self.verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                    raise DataError(f"shard {where} does not match the manifest's SHA-256: it changed after it was "
+                                    "written; write the shards again, or restore that file")
+                members = index_tar(data, where)
+                if len(members) != shard["samples"]:
+                    raise DataError(f"shard {where} holds {len(members)} samples, the manifest says {shard['samples']}")
+                self._indices[s] = members
+        except FileNotFoundError:
+            raise DataError(f"shard {where} is gone (it was listed when the run started)") from None
+        except OSError as e:
+            raise DataError(f"cannot read shard {where}: {e}") from None
+        self._files[s] = fd
+        if len(self._files) > _OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1])
+        return fd, self._indices[s]
+
+    def _read(self, fd: int, offset: int, size: int, where: str) -> bytes:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise DataError(f"{where} is cut short: the shard ends at byte {offset + len(data)}")
+        return data
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s, j = self.locate(index)
+        fd, members = self._shard(s)
+        where = self.store.url(self.shards[s]["name"])
+        sample = {}
+        for field, ext, offset, size in members[j]:
+            at = f"{where} sample {j} field {field!r}"
+            sample[field] = decode_member(ext, self._read(fd, offset, size, at), at)
+        missing = sorted(set(self.fields) - set(sample))
+        if missing:
+            raise DataError(f"shard {where} sample {j} lacks field(s) {', '.join(map(repr, missing))} of the manifest")
+        return sample
+
+
+def _has_manifest(store: ShardStore, split: str) -> bool:
+    if not store.remote:
+        return os.path.isfile(os.path.join(store.root, split, MANIFEST))
+    try:
+        return bool(store.fs.exists(store.url(f"{split}/{MANIFEST}")))
+    except OSError as e:
+        raise DataError(f"cannot reach {store.root}: {type(e).__name__}: {e}") from None
