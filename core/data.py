@@ -121,10 +121,6 @@ class AugmentedDataset(Dataset):
     def epoch_order(self) -> Optional[Callable[[int, int], tuple[Tensor, Tensor]]]:
         return getattr(self.dataset, "epoch_order", None)  # a mix's weighted epochs
 
-    @property
-    def source_of(self) -> Optional[Callable[[Tensor], Tensor]]:
-        return getattr(self.dataset, "source_of", None)
-
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, epoch = item
         if hasattr(self.dataset, "sample"):  # datasets that draw randomness themselves (clip sampling)
@@ -160,12 +156,10 @@ class StepBatchSampler(Sampler):
 
     ``order(seed, epoch) -> (indices, tags)`` replaces the permutation (a `MixDataset`'s weighted
     epochs): the batch items are then ``(index, tag)``, ``tag`` seeding the sample's augmentation.
-    ``counts`` tallies the items handed out by ``source_of(indices)`` (the mix's realised proportions).
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-                 world: int = 1, order: Optional[Callable[[int, int], tuple[Tensor, Tensor]]] = None,
-                 source_of: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+                 world: int = 1, order: Optional[Callable[[int, int], tuple[Tensor, Tensor]]] = None) -> None:
         # a batch size below 1 would make an epoch of no batches, and iteration would spin forever
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"the batch size must be a positive integer, got {batch_size!r}")
@@ -177,9 +171,8 @@ class StepBatchSampler(Sampler):
             raise ValueError(f"the batch size ({batch_size}) is the global batch: it must divide evenly over "
                              f"{world} processes")
         self.num_samples, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
-        self.rank, self.world, self.order, self.source_of = rank, world, order, source_of
+        self.rank, self.world, self.order = rank, world, order
         self.batches_per_epoch = num_samples // batch_size
-        self.counts: Optional[Tensor] = None
 
     def _epoch(self, epoch: int) -> tuple[Tensor, Tensor]:
         if self.order is not None:
@@ -194,16 +187,8 @@ class StepBatchSampler(Sampler):
             for b in range(offset, self.batches_per_epoch):
                 part = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 chunk, chunk_tags = indices[part][self.rank::self.world], tags[part][self.rank::self.world]
-                if self.source_of is not None:
-                    tally = torch.bincount(self.source_of(chunk))
-                    self.counts = tally if self.counts is None else _add_padded(self.counts, tally)
                 yield list(zip(chunk.tolist(), chunk_tags.tolist()))
             epoch, offset = epoch + 1, 0
-
-
-def _add_padded(a: Tensor, b: Tensor) -> Tensor:
-    n = max(len(a), len(b))
-    return torch.nn.functional.pad(a, (0, n - len(a))) + torch.nn.functional.pad(b, (0, n - len(b)))
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
@@ -213,7 +198,7 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, start_step: int = 
     return DataLoader(
         dataset,
         batch_sampler=StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world,
-                                       getattr(dataset, "epoch_order", None), getattr(dataset, "source_of", None)),
+                                       getattr(dataset, "epoch_order", None)),
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=pin_memory,

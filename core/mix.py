@@ -6,7 +6,8 @@ weights' to within one sample per epoch. Each source is read as an endless strea
 seeded permutations: mix epoch ``e`` takes positions ``[e * n_k, (e + 1) * n_k)`` of it, so a source
 weighted above its size repeats (each pass augmented afresh) and one below it moves on through its
 samples from epoch to epoch. A seeded shuffle of the ``M`` slots interleaves the sources. Every
-epoch is computed from ``(seed, epoch)`` alone: resuming at any step is exact.
+epoch is computed from ``(seed, epoch)`` alone: resuming at any step is exact. Each sample carries
+its source number (``mix_source``), from which the trainer logs the proportions realised.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import torch
 from torch import Tensor
 
 from .data import mix_seed
+from .errors import DataError
 
-__all__ = ["MixDataset", "apportion"]
+__all__ = ["MixDataset", "apportion", "SOURCE_FIELD"]
+
+SOURCE_FIELD = "mix_source"  # each sample's source number: the trainer counts the realised proportions
 
 
 def apportion(total: int, weights: Sequence[float]) -> list[int]:
@@ -56,6 +60,7 @@ class MixDataset:
         for n in self.lengths:
             self.starts.append(self.starts[-1] + n)
         self.per_epoch = apportion(self.starts[-1], self.weights)
+        _check_alike(self.labels, self.datasets)
         self.skipped = [(f"{label}: {path}", why) for label, d in sources for path, why in getattr(d, "skipped", ())]
 
     def __len__(self) -> int:
@@ -67,16 +72,12 @@ class MixDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         k, i = self._source(index)
-        return self.datasets[k][i]
+        return {**self.datasets[k][i], SOURCE_FIELD: k}
 
     def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
         k, i = self._source(index)
         dataset = self.datasets[k]
-        return dataset.sample(i, generator) if hasattr(dataset, "sample") else dataset[i]
-
-    def source_of(self, indices: Tensor) -> Tensor:
-        """The source number of each global index."""
-        return torch.bucketize(indices, torch.tensor(self.starts[1:]), right=True)
+        return {**(dataset.sample(i, generator) if hasattr(dataset, "sample") else dataset[i]), SOURCE_FIELD: k}
 
     def epoch_order(self, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
         """Mix epoch ``epoch``: global indices, and each one's pass through its source (the
@@ -98,3 +99,20 @@ class MixDataset:
             indices[where] = local + self.starts[k]
             tags[where] = passes
         return indices, tags
+
+
+def _layout(sample: dict[str, Any]) -> dict[str, Any]:
+    """Field -> what must agree to batch samples together: a tensor's dtype and trailing shape, else the type."""
+    return {k: (v.dtype, tuple(v.shape[1:])) if isinstance(v, Tensor) else type(v).__name__ for k, v in sample.items()}
+
+
+def _check_alike(labels: Sequence[str], datasets: Sequence[Any]) -> None:
+    """The sources' first samples batch together (same fields, dtypes, shapes but the first dimension)."""
+    first = _layout(datasets[0][0])
+    for label, dataset in zip(labels[1:], datasets[1:]):
+        other = _layout(dataset[0])
+        if other != first:
+            differ = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            detail = "; ".join(f"{k}: {first.get(k, 'missing')} vs {other.get(k, 'missing')}" for k in differ[:4])
+            raise DataError(f"data.mix sources {labels[0]!r} and {label!r} give samples that do not batch together "
+                            f"({detail}): give every source the same fields and sizes")

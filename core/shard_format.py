@@ -97,8 +97,8 @@ def field_spec(sample: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return spec
 
 
-def index_tar(data: bytes, where: str) -> list[list[tuple[str, str, int, int]]]:
-    """A shard's samples in order, each a list of ``(field, ext, data offset, data size)``.
+def index_tar(data: bytes, where: str) -> list[tuple[str, list[tuple[str, str, int, int]]]]:
+    """A shard's samples in order, each ``(key, [(field, ext, data offset, data size), ...])``.
 
     Plain ustar headers (what the writer makes) are read directly, the name and size fields only
     (the manifest's SHA-256 guards the bytes); a shard with other member kinds (pax or GNU long
@@ -127,14 +127,12 @@ def index_tar(data: bytes, where: str) -> list[list[tuple[str, str, int, int]]]:
             raise DataError(f"shard {where} is cut short: member {name!r} ends at byte {start + length}, the file has {size}")
         entries.append((name, start, length))
         offset = start + -(-length // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    samples: list[list[tuple[str, str, int, int]]] = []
-    last_key = None
+    samples: list[tuple[str, list[tuple[str, str, int, int]]]] = []
     for name, start, length in entries:
         key, field, ext = split_member(name)
-        if key != last_key:
-            samples.append([])
-            last_key = key
-        samples[-1].append((field, ext, start, length))
+        if not samples or samples[-1][0] != key:
+            samples.append((key, []))
+        samples[-1][1].append((field, ext, start, length))
     return samples
 
 

@@ -152,18 +152,20 @@ class ShardDataset:
         verify: check each shard's SHA-256 before its first read in a process.
         strict: a missing or wrong-sized shard is an error instead of a counted skip.
         storage_options: passed to fsspec (endpoint, profile); prefer environment variables for secrets.
+        id_field: when set, each sample also carries its index in the source dataset under this name
+            (its tar key: what the writer read it as).
 
     Attributes:
-        skipped: ``(shard, reason)`` for every shard left out (missing, or another size than written).
+        skipped: ``(shard path or URL, reason)`` for every shard left out (missing, or another size than written).
         manifest: the folder's manifest.
     """
 
     def __init__(self, path: str, split: Optional[str] = None, cache: Optional[str] = None, verify: bool = True,
-                 strict: bool = False, storage_options: Optional[dict] = None) -> None:
+                 strict: bool = False, storage_options: Optional[dict] = None, id_field: Optional[str] = None) -> None:
         store = ShardStore(path, cache, storage_options)
         if split and _has_manifest(store, split):
             store = ShardStore(store.url(split), cache and os.path.join(cache, split), storage_options)
-        self.store, self.verify = store, verify
+        self.store, self.verify, self.id_field = store, verify, id_field
         where = store.url(MANIFEST)
         try:
             manifest = json.loads(store.read_text(MANIFEST))
@@ -180,7 +182,7 @@ class ShardDataset:
             if problem:
                 if strict:
                     raise DataError(f"shard {store.url(shard['name'])} is {problem} (data.strict is on)")
-                self.skipped.append((shard["name"], problem))
+                self.skipped.append((store.url(shard["name"]), problem))
             elif shard["samples"]:
                 self.shards.append(shard)
                 counts.append(shard["samples"])
@@ -261,12 +263,15 @@ class ShardDataset:
         fd, members = self._shard(s)
         where = self.store.url(self.shards[s]["name"])
         sample = {}
-        for field, ext, offset, size in members[j]:
+        key, fields = members[j]
+        for field, ext, offset, size in fields:
             at = f"{where} sample {j} field {field!r}"
             sample[field] = decode_member(ext, self._read(fd, offset, size, at), at)
         missing = sorted(set(self.fields) - set(sample))
         if missing:
             raise DataError(f"shard {where} sample {j} lacks field(s) {', '.join(map(repr, missing))} of the manifest")
+        if self.id_field:
+            sample[self.id_field] = int(key) if key.isdigit() else key
         return sample
 
 

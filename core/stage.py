@@ -13,6 +13,7 @@ only after everything that draws from it has been built.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from .device import compile_for
 from .distributed import barrier
 from .errors import DataError, UserError
 from .masking import Mask
+from .mix import MixDataset
 from .monitor import OnlineMonitor
 from .objective import Batch, TargetSwitch, reads_targets
 from .parallel import load_optimizer_state, load_shards, parallelize
@@ -39,6 +41,8 @@ from .runfolder import RunFolder
 from .schedule import build_optimizer
 from .teachers import MovingTeacher, Teacher
 from .tokens import Tokens
+
+log = logging.getLogger("anymodal.train")
 
 __all__ = ["StageRun", "StageSetup", "StepForward", "split_batch", "stage_steps", "to_device"]
 
@@ -128,6 +132,7 @@ class StageRun:
         step: optimizer steps done; the resumed step before the first one.
         monitor: the online monitor (rank 0, ``eval.monitor_every``), or None.
         skipped: samples the dataset's scan left out (corrupt files), logged as ``data/skipped``.
+        sources: the `data.mix` sources' labels (their shares of each batch are logged), or empty.
     """
 
     index: int
@@ -146,6 +151,7 @@ class StageRun:
     step: int
     monitor: Optional[OnlineMonitor]
     skipped: int
+    sources: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -228,8 +234,12 @@ class StageSetup:
                              rank=self.rank, world=self.world)
         skipped = len(getattr(dataset.dataset, "skipped", ()))  # corrupt files the dataset's scan left out
         moving = teacher if isinstance(teacher, MovingTeacher) else None
+        mix = dataset.dataset if isinstance(dataset.dataset, MixDataset) else None
+        if mix is not None:
+            log.info("data.mix: each epoch of %d samples holds %s", len(mix), ", ".join(
+                f"{n} of {label} ({n / len(mix):.3f}, weight {w:.3f})" for label, n, w in zip(mix.labels, mix.per_epoch, mix.weights)))
         return StageRun(index, name, stage, total, batch_size, model, forward, masker, teacher, moving, optimizer, scaler,
-                        loader, step, monitor, skipped)
+                        loader, step, monitor, skipped, tuple(mix.labels) if mix is not None else ())
 
     def _initial_weights(self, backbone: Backbone, name: str, stage: Any) -> None:
         """A fresh stage starts from the run's initial random weights (``init_from: scratch``), an

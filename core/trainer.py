@@ -39,6 +39,7 @@ from .config import save_config
 from .data import mix_seed
 from .device import autocast_for, resolve_device, sdpa_kernels
 from .distributed import barrier, local_rank, mean_over_ranks, rank, world_size
+from .mix import SOURCE_FIELD
 from .parallel import full_optimizer_state, save_shards
 from .runfolder import RunFolder
 from .schedule import lr_at
@@ -286,13 +287,21 @@ class Trainer:
             run.scaler.scale(loss / parts).backward()
             values = [loss.detach(), *metrics.values()]
             total = values if total is None else [t + v for t, v in zip(total, values)]
+        shares = self._mix_shares(run, raw)
         # the one host sync of a step: loss and metrics averaged over ranks, the signal flag ORed
-        averaged, stop = mean_over_ranks([t / parts for t in total], flag=self.signals.received)
-        value, metrics = averaged[0], dict(zip(metrics, averaged[1:]))
+        averaged, stop = mean_over_ranks([t / parts for t in total] + list(shares.values()), flag=self.signals.received)
+        value, metrics = averaged[0], dict(zip([*metrics, *shares], averaged[1:]))
         if not math.isfinite(value):
             self._non_finite(run, value, metrics)
         grad_norm = self._update(run)
         return {"loss": value, "grad_norm": grad_norm, **metrics}, stop > 0
+
+    def _mix_shares(self, run: StageRun, raw: dict[str, Any]) -> dict[str, Tensor]:
+        """``data/mix/<source>``: each `data.mix` source's share of the step's batch (none without a mix)."""
+        if not run.sources:
+            return {}
+        counts = torch.bincount(raw[SOURCE_FIELD], minlength=len(run.sources)).float() / len(raw[SOURCE_FIELD])
+        return {f"data/mix/{label}": share for label, share in zip(run.sources, counts.to(self.device))}
 
     def _forward(self, run: StageRun, raw: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
         """A micro-batch's loss and metrics, under autocast, masked from ``generator``."""

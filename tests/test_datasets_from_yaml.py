@@ -178,6 +178,16 @@ def _scene_log(tmp: Path, kind: str) -> Input:
     return "street_scenes", {}, {"name": "nuscenes", "root": str(root)}, [_cut(sweep, 0.5)]
 
 
+def _shards(tmp: Path) -> Input:
+    """The digits written as shards by `anymodal shards write`'s code, one shard cut short."""
+    from anymodal.app.shards import write_shards
+    from anymodal.app.train import load_config
+
+    composed, _ = load_config("tiny-test", ["data.train={_replace_: true, name: digits, size: 24}"])
+    write_shards(composed.cfg, str(tmp / "shards"), ["train"], shard_size=4096, workers=1, progress=False)
+    return "digits", {}, {"name": "shards", "path": str(tmp / "shards")}, [_cut(tmp / "shards" / "train" / "shard-000001.tar", 0.5)]
+
+
 def _shipped(name: str, modality: str, node: dict, needs: str = "", fetch: str = "") -> Callable[[Path], Input]:
     def make(tmp: Path) -> Input:
         if needs and not os.path.exists(needs):
@@ -209,6 +219,7 @@ INPUTS: dict[str, Callable[[Path], Input]] = {
     "mcap_scenes": lambda tmp: _scene_log(tmp, "mcap"),
     "nuscenes": lambda tmp: _scene_log(tmp, "nuscenes"),
     "audio_manifest": _audio_manifest,
+    "shards": _shards,
     "spoken_digits": _shipped("spoken_digits", "audio", {"root": SMALL_SPOKEN_DIGITS}),
     "speech_sample": _shipped("speech_sample", "audio", {"max_seconds": 1.5, "root": speech_sample_dir()},
                               os.path.join(speech_sample_dir(), "sample.wav"), FETCH),
