@@ -72,7 +72,7 @@ def _write_shard(job: tuple) -> dict:
                                     f"{sorted(fields)}: shards need every sample to have the same fields")
                 for name, data in encode_sample(f"{index:010d}", sample).items():
                     info = tarfile.TarInfo(name)
-                    info.size, info.mode, info.mtime = len(data), 0o444, int(time.time())
+                    info.size, info.mode = len(data), 0o444  # mtime 0: the same source writes the same bytes
                     tar.addfile(info, io.BytesIO(data))
 
     write_atomic(path, write)

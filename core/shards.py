@@ -54,24 +54,25 @@ class ShardStore:
         self.remote = is_url(self.root)
         self.storage_options = dict(storage_options or {})
         self.cache = cache or (cache_dir("shards", hashlib.sha1(self.root.encode()).hexdigest()[:16]) if self.remote else None)
-        self._fs = None
+        self._fs, self._fs_pid = None, None
 
     @property
     def fs(self) -> Any:
-        if self._fs is None:
+        if self._fs is None or self._fs_pid != os.getpid():  # fsspec's clients are not fork-safe: one per process
             try:
                 import fsspec
             except ImportError:
                 raise DataError(f"reading shards at {self.root} needs fsspec (and s3fs for s3://): "
                                 "pip install 'anymodal[shards]'") from None
             try:
-                self._fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
+                self._fs, _ = fsspec.core.url_to_fs(self.root, skip_instance_cache=True, **self.storage_options)
             except (ImportError, ValueError) as e:
                 raise DataError(f"cannot open {self.root}: {e}") from None
+            self._fs_pid = os.getpid()
         return self._fs
 
     def __getstate__(self) -> dict:  # loader workers open their own connection
-        return {**self.__dict__, "_fs": None}
+        return {**self.__dict__, "_fs": None, "_fs_pid": None}
 
     def url(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -85,8 +86,8 @@ class ShardStore:
                 return f.read().decode()
         except FileNotFoundError:
             raise DataError(f"no {name} at {self.root}: not a shard folder (write one with `anymodal shards write`)") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read {where}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # the storage client's own errors (no endpoint, no bucket, refused credentials)
+            raise DataError(f"cannot read {where}: {_reason(e)}") from None
 
     def sizes(self) -> dict[str, int]:
         """Shard file name -> size in bytes, one listing."""
@@ -95,8 +96,8 @@ class ShardStore:
                 return {e.name: e.stat().st_size for e in os.scandir(self.root) if e.is_file()}
             return {Path(e["name"]).name: int(e["size"]) for e in self.fs.ls(self.root, detail=True)
                     if e.get("type") == "file"}
-        except OSError as e:
-            raise DataError(f"cannot list {self.root}: {type(e).__name__}: {e}") from None
+        except Exception as e:
+            raise DataError(f"cannot list {self.root}: {_reason(e)}") from None
 
     def local(self, name: str, sha256: str, verified: set, verify: bool = True) -> str:
         """A local path holding shard ``name``, checked against ``sha256`` once per process (``verified``
@@ -119,8 +120,10 @@ class ShardStore:
             os.replace(tmp, path)  # whole files only: workers fetching the same shard race harmlessly
         except FileNotFoundError:
             raise DataError(f"shard {self.url(name)} is gone (it was listed when the run started)") from None
-        except OSError as e:
-            raise DataError(f"cannot fetch shard {self.url(name)}: {type(e).__name__}: {e}") from None
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot fetch shard {self.url(name)}: {_reason(e)}") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -280,5 +283,11 @@ def _has_manifest(store: ShardStore, split: str) -> bool:
         return os.path.isfile(os.path.join(store.root, split, MANIFEST))
     try:
         return bool(store.fs.exists(store.url(f"{split}/{MANIFEST}")))
-    except OSError as e:
-        raise DataError(f"cannot reach {store.root}: {type(e).__name__}: {e}") from None
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot reach {store.root}: {_reason(e)}") from None
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
