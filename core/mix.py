@@ -79,6 +79,13 @@ class MixDataset:
         dataset = self.datasets[k]
         return {**(dataset.sample(i, generator) if hasattr(dataset, "sample") else dataset[i]), SOURCE_FIELD: k}
 
+    def _pass_order(self, k: int, seed: int, p: int) -> Tensor:
+        """Pass ``p`` through source ``k``: its own epoch order where it has one (a shard folder's windows)."""
+        dataset = self.datasets[k]
+        if hasattr(dataset, "epoch_order"):
+            return dataset.epoch_order(mix_seed(seed, k, -8), p)[0]
+        return torch.randperm(self.lengths[k], generator=torch.Generator().manual_seed(mix_seed(seed, k, p, -8)))
+
     def epoch_order(self, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
         """Mix epoch ``epoch``: global indices, and each one's pass through its source (the
         augmentation tag: a repeated sample is augmented afresh)."""
@@ -93,7 +100,7 @@ class MixDataset:
             local = torch.empty_like(position)
             for p in passes.unique().tolist():  # one or a few passes per epoch
                 at = passes == p
-                perm = torch.randperm(self.lengths[k], generator=torch.Generator().manual_seed(mix_seed(seed, k, p, -8)))
+                perm = self._pass_order(k, seed, p)
                 local[at] = perm[position[at] % self.lengths[k]]
             where = slots == k
             indices[where] = local + self.starts[k]

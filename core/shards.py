@@ -20,14 +20,17 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import cache_dir, report_skipped
+import torch
+from torch import Tensor
+
+from .data import cache_dir, mix_seed, report_skipped
 from .errors import DataError
 from .shard_format import MANIFEST, check_manifest, decode_member, index_tar
 
 __all__ = ["ShardDataset", "ShardStore", "is_url", "sha256_of"]
 
 log = logging.getLogger(__name__)
-_OPEN_FILES = 64  # shard files one process keeps open
+_OPEN_SHARDS = 128  # shards one process keeps open, with their indices (above the default window)
 
 
 def is_url(path: str) -> bool:
@@ -99,24 +102,21 @@ class ShardStore:
         except Exception as e:
             raise DataError(f"cannot list {self.root}: {_reason(e)}") from None
 
-    def local(self, name: str, sha256: str, verified: set, verify: bool = True) -> str:
-        """A local path holding shard ``name``, checked against ``sha256`` once per process (``verified``
-        holds the names checked); fetched into the cache first when the folder is remote."""
+    def local(self, name: str, sha256: str) -> str:
+        """A local path holding shard ``name``: the folder's own file, or, for a remote folder, the
+        cache's copy (fetched and checked against ``sha256`` first when it is not there)."""
         if not self.remote:
-            path = os.path.join(self.root, name)
-            if verify and name not in verified:
-                self._check(path, sha256, name)
-                verified.add(name)
-            return path
+            return os.path.join(self.root, name)
         path = os.path.join(self.cache, name)
-        if os.path.isfile(path) and (not verify or name in verified or _digest_matches(path, sha256)):
-            verified.add(name)
+        if os.path.isfile(path):
             return path
         os.makedirs(self.cache, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             self.fs.get_file(self.url(name), tmp)
-            self._check(tmp, sha256, name)  # always: a fetch is where a shard gets damaged
+            if sha256_of(tmp) != sha256:  # always: a fetch is where a shard gets damaged
+                raise DataError(f"shard {self.url(name)} does not match the manifest's SHA-256: it changed after "
+                                "it was written; write the shards again, or restore that object")
             os.replace(tmp, path)  # whole files only: workers fetching the same shard race harmlessly
         except FileNotFoundError:
             raise DataError(f"shard {self.url(name)} is gone (it was listed when the run started)") from None
@@ -127,22 +127,7 @@ class ShardStore:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        verified.add(name)
         return path
-
-    def _check(self, path: str, sha256: str, name: str) -> None:
-        try:
-            ok = _digest_matches(path, sha256)
-        except FileNotFoundError:
-            raise DataError(f"shard {self.url(name)} is gone (it was listed when the run started)") from None
-        if not ok:
-            raise DataError(f"shard {self.url(name)} does not match the manifest's SHA-256: it changed after it was "
-                            "written; write the shards again, or restore that file")
-
-
-def _digest_matches(path: str, sha256: str) -> bool:
-    return sha256_of(path) == sha256
-
 
 class ShardDataset:
     """The samples of a shard folder (``anymodal shards write``), by global index.
@@ -152,9 +137,10 @@ class ShardDataset:
             writer puts each split in a folder of its own).
         split: the config split asking (``train`` or ``test``).
         cache: where a remote folder's shards are kept (default: the anymodal cache).
-        verify: check each shard's SHA-256 before its first read in a process.
+        verify: check each shard's SHA-256 when a process opens it (it is read whole then anyway).
         strict: a missing or wrong-sized shard is an error instead of a counted skip.
         storage_options: passed to fsspec (endpoint, profile); prefer environment variables for secrets.
+        shuffle_window: shards whose samples are shuffled together (see `epoch_order`).
         id_field: when set, each sample also carries its index in the source dataset under this name
             (its tar key: what the writer read it as).
 
@@ -164,11 +150,14 @@ class ShardDataset:
     """
 
     def __init__(self, path: str, split: Optional[str] = None, cache: Optional[str] = None, verify: bool = True,
-                 strict: bool = False, storage_options: Optional[dict] = None, id_field: Optional[str] = None) -> None:
+                 strict: bool = False, storage_options: Optional[dict] = None, id_field: Optional[str] = None,
+                 shuffle_window: int = 64) -> None:
         store = ShardStore(path, cache, storage_options)
         if split and _has_manifest(store, split):
             store = ShardStore(store.url(split), cache and os.path.join(cache, split), storage_options)
-        self.store, self.verify, self.id_field = store, verify, id_field
+        if isinstance(shuffle_window, bool) or not isinstance(shuffle_window, int) or not 1 <= shuffle_window <= _OPEN_SHARDS:
+            raise ValueError(f"shuffle_window must be a number of shards from 1 to {_OPEN_SHARDS}, got {shuffle_window!r}")
+        self.store, self.verify, self.id_field, self.shuffle_window = store, verify, id_field, shuffle_window
         where = store.url(MANIFEST)
         try:
             manifest = json.loads(store.read_text(MANIFEST))
@@ -199,12 +188,10 @@ class ShardDataset:
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._files: OrderedDict[int, int] = OrderedDict()
-        self._indices: dict[int, list] = {}
-        self._verified: set = set()
+        self._open: OrderedDict[int, tuple[int, list]] = OrderedDict()  # shard -> (fd, its sample index)
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_indices", "_verified", "_pid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_pid")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -212,6 +199,25 @@ class ShardDataset:
 
     def __len__(self) -> int:
         return self.starts[-1]
+
+    def epoch_order(self, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
+        """Epoch ``epoch``'s order: the shards in a seeded order, cut into windows of
+        ``shuffle_window`` shards, the samples of each window shuffled together. At most that
+        many shards are open at once (and fetched ahead, for a remote folder). A folder of no more
+        shards than the window is shuffled whole, exactly as a map-style dataset of files is."""
+        n = len(self)
+        if len(self.shards) <= self.shuffle_window:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+            return order, torch.full((n,), epoch)
+        shards = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, -9)))
+        starts = torch.tensor(self.starts)
+        parts = []
+        for w, first in enumerate(range(0, len(shards), self.shuffle_window)):
+            window = shards[first:first + self.shuffle_window]
+            members = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in window.tolist()])
+            g = torch.Generator().manual_seed(mix_seed(seed, epoch, w, -10))
+            parts.append(members[torch.randperm(len(members), generator=g)])
+        return torch.cat(parts), torch.full((n,), epoch)
 
     def locate(self, index: int) -> tuple[int, int]:
         """``(shard number in self.shards, sample number in it)`` of global sample ``index``."""
@@ -221,55 +227,53 @@ class ShardDataset:
         return s, index - self.starts[s]
 
     def _shard(self, s: int) -> tuple[int, list]:
-        """Shard ``s`` open (read once, to check it and index it, the first time in a process), and its
-        sample index. Reads go through ``os.pread``: a file cut short under a running job is a
-        DataError, not a crash."""
+        """Shard ``s`` open, and its sample index. A shard is read whole once when opened (checked
+        against its SHA-256, and its tar headers indexed); samples are then read with ``os.pread``,
+        so a file cut short under a running job is a DataError, not a crash."""
         if self._pid != os.getpid():  # a forked worker opens the files itself
             self._reset()
-        fd = self._files.get(s)
-        if fd is not None:
-            self._files.move_to_end(s)
-            return fd, self._indices[s]
+        if s in self._open:
+            self._open.move_to_end(s)
+            return self._open[s]
         shard = self.shards[s]
         where = self.store.url(shard["name"])
-        path = self.store.local(shard["name"], shard["sha256"], self._verified, verify=False)  # checked below
+        path = self.store.local(shard["name"], shard["sha256"])
         try:
             fd = os.open(path, os.O_RDONLY)
-            if s not in self._indices:
-                data = os.pread(fd, shard["bytes"] + 1, 0)
-                if len(data) != shard["bytes"]:
-                    raise DataError(f"shard {where} is {len(data)} bytes now, the manifest says {shard['bytes']}")
-                if self.verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                    raise DataError(f"shard {where} does not match the manifest's SHA-256: it changed after it was "
-                                    "written; write the shards again, or restore that file")
-                members = index_tar(data, where)
-                if len(members) != shard["samples"]:
-                    raise DataError(f"shard {where} holds {len(members)} samples, the manifest says {shard['samples']}")
-                self._indices[s] = members
         except FileNotFoundError:
             raise DataError(f"shard {where} is gone (it was listed when the run started)") from None
         except OSError as e:
             raise DataError(f"cannot read shard {where}: {e}") from None
-        self._files[s] = fd
-        if len(self._files) > _OPEN_FILES:
-            os.close(self._files.popitem(last=False)[1])
-        return fd, self._indices[s]
-
-    def _read(self, fd: int, offset: int, size: int, where: str) -> bytes:
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise DataError(f"{where} is cut short: the shard ends at byte {offset + len(data)}")
-        return data
+        try:
+            data = os.pread(fd, shard["bytes"] + 1, 0)
+            if len(data) != shard["bytes"]:
+                raise DataError(f"shard {where} is {len(data)} bytes now, the manifest says {shard['bytes']}")
+            if self.verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise DataError(f"shard {where} does not match the manifest's SHA-256: it changed after it was "
+                                "written; write the shards again, or restore that file")
+            members = index_tar(data, where)
+            if len(members) != shard["samples"]:
+                raise DataError(f"shard {where} holds {len(members)} samples, the manifest says {shard['samples']}")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._open[s] = (fd, members)
+        if len(self._open) > _OPEN_SHARDS:
+            os.close(self._open.popitem(last=False)[1][0])
+        return fd, members
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         s, j = self.locate(index)
         fd, members = self._shard(s)
         where = self.store.url(self.shards[s]["name"])
-        sample = {}
         key, fields = members[j]
+        sample = {}
         for field, ext, offset, size in fields:
             at = f"{where} sample {j} field {field!r}"
-            sample[field] = decode_member(ext, self._read(fd, offset, size, at), at)
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise DataError(f"{at} is cut short: the shard ends at byte {offset + len(data)}")
+            sample[field] = decode_member(ext, data, at)
         missing = sorted(set(self.fields) - set(sample))
         if missing:
             raise DataError(f"shard {where} sample {j} lacks field(s) {', '.join(map(repr, missing))} of the manifest")

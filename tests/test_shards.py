@@ -146,9 +146,9 @@ def test_size_arguments() -> None:
 
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-test's digits (train and test) as shards of ~64 KB."""
+    """tiny-test's digits (train and test) as shards of ~256 KB (fewer than the shuffle window)."""
     out = tmp_path_factory.mktemp("digit-shards")
-    anymodal("shards", "write", "tiny-test", "--out", out, "--shard-size", "64KB", "--workers", "2", "--quiet", timeout=300)
+    anymodal("shards", "write", "tiny-test", "--out", out, "--shard-size", "256KB", "--workers", "2", "--quiet", timeout=300)
     return out
 
 
@@ -257,6 +257,28 @@ def test_mix_proportions_order_and_resume(digit_shards: Path, tmp_path: Path) ->
     resumed = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"], r["data/mix/files"]) for r in resumed] == [(r["step"], r["loss"], r["data/mix/files"])
                                                                               for r in records]
+
+
+def test_window_shuffle_keeps_few_shards_open(digit_shards: Path) -> None:
+    """Over more shards than ``shuffle_window``, an epoch is a permutation whose consecutive runs
+    come from one window of shards; a folder within the window is shuffled as files are."""
+    ds = ShardDataset(str(digit_shards), split="train", shuffle_window=3)
+    order, tags = ds.epoch_order(5, 2)
+    assert sorted(order.tolist()) == list(range(len(ds))) and set(tags.tolist()) == {2}
+    assert torch.equal(order, ds.epoch_order(5, 2)[0]) and not torch.equal(order, ds.epoch_order(5, 3)[0])
+    shard_of = [ds.locate(i)[0] for i in order.tolist()]
+    windows, seen = [], set()
+    for s in shard_of:
+        if s not in seen and len(seen) == 3:
+            windows.append(seen)
+            seen = set()
+        seen.add(s)
+    assert len(windows) == len(ds.shards) // 3 and all(len(w) == 3 for w in windows)
+    whole = ShardDataset(str(digit_shards), split="train")  # 64 shards: more than this folder holds
+    sampler_order = torch.randperm(len(whole), generator=torch.Generator().manual_seed(__import__("anymodal").core.data.mix_seed(5, 2)))
+    assert torch.equal(whole.epoch_order(5, 2)[0], sampler_order)
+    with pytest.raises(ValueError, match="shuffle_window"):
+        ShardDataset(str(digit_shards), split="train", shuffle_window=0)
 
 
 def test_mix_config_errors(tmp_path: Path) -> None:
@@ -378,7 +400,7 @@ def test_shards_on_s3_write_train_and_resume(s3_endpoint: str, digit_shards: Pat
     shards' losses; the cache holds checked copies; a tampered object is refused when fetched."""
     bucket = make_bucket("anymodal-shards")
     env = {"ANYMODAL_CACHE": str(tmp_path / "cache")}
-    anymodal("shards", "write", "tiny-test", "--out", f"{bucket}/digits", "--shard-size", "64KB", "--quiet",
+    anymodal("shards", "write", "tiny-test", "--out", f"{bucket}/digits", "--shard-size", "256KB", "--quiet",
              env_extra=env, timeout=300)
     import fsspec
 
