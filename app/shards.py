@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from ..core.build import build_dataset
 from ..core.data import cache_dir
 from ..core.errors import DataError, UserError
 from ..core.runfolder import write_atomic
-from ..core.shard_format import FORMAT, MANIFEST, encode_sample, field_spec, shard_name
+from ..core.shard_format import FORMAT, MANIFEST, encode_sample, field_spec, index_name, sample_index, shard_name
 from ..core.shards import ShardStore, is_url, sha256_of
 from ..plugins.manager import load_components
 
@@ -76,9 +77,23 @@ def _write_shard(job: tuple) -> dict:
                     tar.addfile(info, io.BytesIO(data))
 
     write_atomic(path, write)
-    record = {"name": path.name, "samples": stop - start, "bytes": path.stat().st_size, "sha256": sha256_of(str(path))}
-    if remote:
-        ShardStore(remote).fs.put_file(str(path), f"{remote.rstrip('/')}/{path.name}")
+    data = path.read_bytes()
+    rows = sample_index(data)
+    index = folder / index_name(path.name)
+
+    def save_index(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, rows, allow_pickle=False)
+
+    write_atomic(index, save_index)
+    record = {"name": path.name, "samples": stop - start, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+              "index_bytes": index.stat().st_size, "index_sha256": sha256_of(str(index))}
+    if len(rows) != stop - start + 1:
+        raise DataError(f"{path} holds {len(rows) - 1} samples, {stop - start} were written: two samples share a key")
+    if remote:  # the index first: a shard visible remotely always has its index
+        fs = ShardStore(remote).fs
+        fs.put_file(str(index), f"{remote.rstrip('/')}/{index.name}")
+        fs.put_file(str(path), f"{remote.rstrip('/')}/{path.name}")
     write_atomic(_record(folder, number), lambda tmp: tmp.write_text(json.dumps(record)))
     return record
 
@@ -87,8 +102,9 @@ def _done(folder: Path, number: int) -> Optional[dict]:
     """The record of a shard a previous write finished, if the shard still matches it."""
     try:
         record = json.loads(_record(folder, number).read_text())
-        path = folder / record["name"]
-        if path.stat().st_size == record["bytes"] and sha256_of(str(path)) == record["sha256"]:
+        path, index = folder / record["name"], folder / index_name(record["name"])
+        if (path.stat().st_size == record["bytes"] and sha256_of(str(path)) == record["sha256"]
+                and sha256_of(str(index)) == record["index_sha256"]):
             return record
     except (OSError, ValueError, KeyError, TypeError):
         pass

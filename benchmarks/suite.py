@@ -68,6 +68,12 @@ ROWS: list[dict[str, Any]] = [
     # formats (written once into the data cache by the scenes plugin's exporters): does reading keep up?
     *[{"name": f"street_scenes {source} lidar mae step + loader", "work": "modality", "impl": "anymodal", "size": "base",
        "modality": "street_scenes", "source": source} for source in ("generated", "mcap", "nuscenes")],
+    # the same steps reading data.train from shards (anymodal shards write, 64 MB shards, written once into
+    # the data cache): on local disk, and on an S3 server on localhost (moto) fetched into an empty cache;
+    # their loaders read a whole epoch of MNIST / 400 sweeps, fetches included
+    *[{"name": f"{m} mae step + loader, {where} shards", "work": "modality", "impl": "anymodal", "size": "base",
+       "modality": m, "source": where, "loader_batches": batches}
+      for m, batches in (("image", 234), ("lidar_sweep", 50)) for where in ("local", "s3")],
     # ragged sweeps packed into one sequence through xformers' block-diagonal kernel, against the padded row above
     {"name": "lidar_sweep mae step, xformers packed", "work": "modality", "impl": "anymodal", "size": "base",
      "modality": "lidar_sweep", "overrides": ["model.attn_backend=xformers"], "gpu_only": True},
@@ -224,16 +230,23 @@ def _modality_parts(modality: str, dev: str, extra: tuple[str, ...] = ()) -> tup
 
 
 def _row_parts(row: dict[str, Any], dev: str) -> tuple[Any, Any, Any, Any]:
-    return _modality_parts(row["modality"], dev, tuple(row.get("overrides", ())) + _source_overrides(row.get("source")))
+    return _modality_parts(row["modality"], dev,
+                           tuple(row.get("overrides", ())) + _source_overrides(row["modality"], row.get("source")))
 
 
 @functools.lru_cache(maxsize=None)
-def _source_overrides(source: str | None) -> tuple[str, ...]:
+def _source_overrides(modality: str, source: str | None) -> tuple[str, ...]:
     """``data.train`` of a scene row: the generated streets (cached in memory after the first read,
     as a run that reads each frame many times would), or 64 frames of them exported once as MCAP
     recordings or a nuScenes folder, read back from disk."""
     if source in (None, "generated"):
         return ("data.train.cache=true",) if source else ()
+    if source in ("local", "s3"):
+        from shards import local_shards, s3_shards  # benchmarks/shards.py
+
+        folder = local_shards(modality)
+        path = s3_shards(folder, modality) if source == "s3" else str(folder)
+        return (f"data.train={{_replace_: true, name: shards, path: '{path}'}}",)
     from anymodal.core.data import cache_dir
     from anymodal.plugins.scenes.export import export_mcap, export_nuscenes
 
@@ -366,7 +379,7 @@ def measure(row: dict[str, Any], gpu: bool, steps: int, warmup: int, ceiling: fl
            "step_ms": round(1000 * sec, 2), "throughput": round(batch / sec, 1), "unit": unit,
            "peak_mem_gib": round(peak / 2**30, 3), "warmup_s": round(warm_s, 1)}
     if row["work"] == "modality" and not row.get("overrides"):  # a variant's loader is its modality row's
-        out["loader_throughput"] = round(loader_throughput(row, dev), 1)
+        out["loader_throughput"] = round(loader_throughput(row, dev, row.get("loader_batches", 20)), 1)
         out["loader_workers"] = LOADER_WORKERS[dev]
     if profile:
         from step_profile import flops_by_category, profile_step

@@ -6,12 +6,16 @@ Tensors are ``.npy`` (``numpy.save``; read back with ``allow_pickle=False``: loa
 code), strings ``.txt``, other values ``.json``. A field name is percent-encoded in a member name
 (a scene's ``cam_front/intrinsics`` holds a slash, which tar would read as a folder).
 
-The manifest (``manifest.json`` beside the shards) lists every shard with its sample count, size
-and SHA-256, the fields of a sample and the source the shards were written from.
+Beside each shard, ``<shard>.idx.npy`` holds where each sample's members start and a digest of its
+bytes (`sample_index`): a sample is one read, checked as it is read, and opening a shard reads
+nothing else of it. The manifest (``manifest.json``) lists every shard with its sample count,
+size and SHA-256 (and its index's), the fields of a sample and the source the shards were written
+from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -25,7 +29,7 @@ from torch import Tensor
 from .errors import DataError
 
 __all__ = ["FORMAT", "MANIFEST", "encode_sample", "decode_member", "field_spec", "shard_name", "check_manifest",
-           "index_tar"]
+           "sample_index", "sample_members", "sample_digest", "index_name"]
 
 FORMAT = "anymodal-shards/1"
 MANIFEST = "manifest.json"
@@ -97,54 +101,68 @@ def field_spec(sample: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return spec
 
 
-def index_tar(data: bytes, where: str) -> list[tuple[str, list[tuple[str, str, int, int]]]]:
-    """A shard's samples in order, each ``(key, [(field, ext, data offset, data size), ...])``.
-
-    Plain ustar headers (what the writer makes) are read directly, the name and size fields only
-    (the manifest's SHA-256 guards the bytes); a shard with other member kinds (pax or GNU long
-    names) goes through ``tarfile``. One cut short or not a tar is a DataError naming ``where``.
-    """
-    entries, offset, size = [], 0, len(data)
-    while True:
-        if offset + tarfile.BLOCKSIZE > size:
-            raise DataError(f"shard {where} is cut short: it ends without the tar end-of-archive blocks")
-        header = data[offset:offset + tarfile.BLOCKSIZE]
+def sample_index(shard: bytes) -> Any:
+    """The index a shard's sidecar holds: ``int64 [samples + 1, 2]``, row ``j`` the byte offset where
+    sample ``j``'s members start and (as int64 bits) a 64-bit BLAKE2b digest of its bytes up to the
+    next row's offset. Reading a sample is then one read of its byte range, checked by its digest."""
+    starts, last_key, offset = [], None, 0
+    while offset + tarfile.BLOCKSIZE <= len(shard):
+        header = shard[offset:offset + tarfile.BLOCKSIZE]
         if header == _EMPTY_BLOCK:
             break
-        kind = header[156:157]
-        if kind not in (b"0", b"\0"):
-            entries = _index_with_tarfile(data, where) if kind in (b"x", b"g", b"L", b"K") else None
-            if entries is None:
-                raise DataError(f"shard {where} has a member of tar type {kind!r} at byte {offset}: shards hold files only")
-            break
-        try:
-            name = header[:100].rstrip(b"\0").decode()
-            length = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise DataError(f"shard {where} is not a readable tar at byte {offset}") from None
+        name, length = _header(header, offset, "the shard being written")
+        key = name.split(".", 1)[0]
+        if key != last_key:
+            starts.append(offset)
+            last_key = key
+        offset += tarfile.BLOCKSIZE + -(-length // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    bounds = starts + [offset]
+    rows = np.zeros((len(starts) + 1, 2), dtype=np.int64)
+    rows[:, 0] = bounds
+    rows[:-1, 1] = [sample_digest(shard[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return rows
+
+
+def sample_digest(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def _header(header: bytes, offset: int, where: str) -> tuple[str, int]:
+    """Name and size of a plain ustar file member's header (the writer's; others are refused)."""
+    kind = header[156:157]
+    if kind not in (b"0", b"\0"):
+        raise DataError(f"{where} has a member of tar type {kind!r} at byte {offset}: anymodal shards hold plain files")
+    try:
+        return header[:100].rstrip(b"\0").decode(), int(header[124:136].strip(b"\0 ") or b"0", 8)
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{where} is not a readable tar at byte {offset}") from None
+
+
+def sample_members(data: bytes, where: str) -> tuple[str, list[tuple[str, str, bytes]]]:
+    """One sample's byte range parsed: ``(key, [(field, ext, bytes), ...])``."""
+    members, key, offset = [], None, 0
+    while offset < len(data):
+        name, length = _header(data[offset:offset + tarfile.BLOCKSIZE], offset, where)
         start = offset + tarfile.BLOCKSIZE
-        if start + length > size:
-            raise DataError(f"shard {where} is cut short: member {name!r} ends at byte {start + length}, the file has {size}")
-        entries.append((name, start, length))
+        if start + length > len(data):
+            raise DataError(f"{where}: member {name!r} runs past the sample's byte range")
+        member_key, field, ext = split_member(name)
+        if key is not None and member_key != key:
+            raise DataError(f"{where}: member {name!r} belongs to another sample than {key}")
+        key = member_key
+        members.append((field, ext, data[start:start + length]))
         offset = start + -(-length // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    samples: list[tuple[str, list[tuple[str, str, int, int]]]] = []
-    for name, start, length in entries:
-        key, field, ext = split_member(name)
-        if not samples or samples[-1][0] != key:
-            samples.append((key, []))
-        samples[-1][1].append((field, ext, start, length))
-    return samples
+    if key is None:
+        raise DataError(f"{where} holds no members")
+    return key, members
 
 
 _EMPTY_BLOCK = bytes(tarfile.BLOCKSIZE)
 
 
-def _index_with_tarfile(data: bytes, where: str) -> list[tuple[str, int, int]]:
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            return [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isreg()]
-    except tarfile.TarError as e:
-        raise DataError(f"shard {where} is not a readable tar: {e}") from None
+def index_name(shard: str) -> str:
+    """The sidecar holding a shard's sample index."""
+    return f"{shard}.idx.npy"
 
 
 def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
@@ -158,9 +176,9 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     for i, shard in enumerate(shards):
         ok = (isinstance(shard, dict) and isinstance(shard.get("name"), str) and shard["name"] == shard_name(i)
               and all(isinstance(shard.get(k), int) and not isinstance(shard.get(k), bool) and shard[k] >= 0
-                      for k in ("samples", "bytes"))
-              and isinstance(shard.get("sha256"), str) and len(shard["sha256"]) == 64)
+                      for k in ("samples", "bytes", "index_bytes"))
+              and all(isinstance(shard.get(k), str) and len(shard[k]) == 64 for k in ("sha256", "index_sha256")))
         if not ok:
-            raise DataError(f"{where}: shard entry {i} must be {{name: {shard_name(i)}, samples, bytes, sha256}}, "
-                            f"got {shard!r:.200}")
+            raise DataError(f"{where}: shard entry {i} must be {{name: {shard_name(i)}, samples, bytes, sha256, "
+                            f"index_bytes, index_sha256}}, got {shard!r:.200}")
     return manifest

@@ -2,8 +2,8 @@
 
 The order of a run stays anymodal's (`StepBatchSampler`: a function of the seed and the step,
 whatever the ranks and workers), so a shard dataset only has to answer ``dataset[i]``: the manifest
-maps ``i`` to a shard and a sample in it, a header scan of the tar (done once per shard and
-process) maps the sample to byte ranges, and ``os.pread`` reads them. A folder at an fsspec URL
+maps ``i`` to a shard and a sample in it, the shard's index to a byte range, and one ``os.pread``
+reads it (a file cut short under a running job is then a DataError, not a crash). A folder at an fsspec URL
 (``s3://bucket/prefix``) is read the same way from a local copy of each shard, fetched on first use
 and checked against the manifest's SHA-256.
 """
@@ -20,12 +20,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .data import cache_dir, mix_seed, report_skipped
 from .errors import DataError
-from .shard_format import MANIFEST, check_manifest, decode_member, index_tar
+from .shard_format import MANIFEST, check_manifest, decode_member, index_name, sample_digest, sample_members
 
 __all__ = ["ShardDataset", "ShardStore", "is_url", "sha256_of"]
 
@@ -137,7 +138,8 @@ class ShardDataset:
             writer puts each split in a folder of its own).
         split: the config split asking (``train`` or ``test``).
         cache: where a remote folder's shards are kept (default: the anymodal cache).
-        verify: check each shard's SHA-256 when a process opens it (it is read whole then anyway).
+        verify: check each sample's bytes against its digest in the shard index as it is read
+            (shards fetched from a remote folder are always checked whole, against their SHA-256).
         strict: a missing or wrong-sized shard is an error instead of a counted skip.
         storage_options: passed to fsspec (endpoint, profile); prefer environment variables for secrets.
         shuffle_window: shards whose samples are shuffled together (see `epoch_order`).
@@ -168,9 +170,12 @@ class ShardDataset:
         sizes = store.sizes()
         self.shards, self.skipped, counts = [], [], []
         for shard in self.manifest["shards"]:
-            found = sizes.get(shard["name"])
+            found, index = sizes.get(shard["name"]), sizes.get(index_name(shard["name"]))
             problem = ("missing" if found is None else
-                       f"{found} bytes, the manifest says {shard['bytes']}" if found != shard["bytes"] else None)
+                       f"{found} bytes, the manifest says {shard['bytes']}" if found != shard["bytes"] else
+                       f"without its index {index_name(shard['name'])}" if index is None else
+                       f"with an index of {index} bytes, the manifest says {shard['index_bytes']}"
+                       if index != shard["index_bytes"] else None)
             if problem:
                 if strict:
                     raise DataError(f"shard {store.url(shard['name'])} is {problem} (data.strict is on)")
@@ -226,57 +231,61 @@ class ShardDataset:
         s = bisect.bisect_right(self.starts, index) - 1
         return s, index - self.starts[s]
 
-    def _shard(self, s: int) -> tuple[int, list]:
-        """Shard ``s`` open, and its sample index. A shard is read whole once when opened (checked
-        against its SHA-256, and its tar headers indexed); samples are then read with ``os.pread``,
-        so a file cut short under a running job is a DataError, not a crash."""
+    def _shard(self, s: int) -> tuple[int, Any]:
+        """Shard ``s`` open, and its sample index (the sidecar, read whole: 16 bytes a sample)."""
         if self._pid != os.getpid():  # a forked worker opens the files itself
             self._reset()
         if s in self._open:
             self._open.move_to_end(s)
             return self._open[s]
         shard = self.shards[s]
-        where = self.store.url(shard["name"])
+        rows = self._index(shard)
         path = self.store.local(shard["name"], shard["sha256"])
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise DataError(f"shard {where} is gone (it was listed when the run started)") from None
+            raise DataError(f"shard {self.store.url(shard['name'])} is gone (it was listed when the run started)") from None
         except OSError as e:
-            raise DataError(f"cannot read shard {where}: {e}") from None
-        try:
-            data = os.pread(fd, shard["bytes"] + 1, 0)
-            if len(data) != shard["bytes"]:
-                raise DataError(f"shard {where} is {len(data)} bytes now, the manifest says {shard['bytes']}")
-            if self.verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise DataError(f"shard {where} does not match the manifest's SHA-256: it changed after it was "
-                                "written; write the shards again, or restore that file")
-            members = index_tar(data, where)
-            if len(members) != shard["samples"]:
-                raise DataError(f"shard {where} holds {len(members)} samples, the manifest says {shard['samples']}")
-        except BaseException:
-            os.close(fd)
-            raise
-        self._open[s] = (fd, members)
+            raise DataError(f"cannot read shard {self.store.url(shard['name'])}: {e}") from None
+        self._open[s] = (fd, rows)
         if len(self._open) > _OPEN_SHARDS:
             os.close(self._open.popitem(last=False)[1][0])
-        return fd, members
+        return fd, rows
+
+    def _index(self, shard: dict) -> Any:
+        name = index_name(shard["name"])
+        where = self.store.url(name)
+        try:
+            with open(self.store.local(name, shard["index_sha256"]), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise DataError(f"shard index {where} is gone (it was listed when the run started)") from None
+        if len(data) != shard["index_bytes"] or hashlib.sha256(data).hexdigest() != shard["index_sha256"]:
+            raise DataError(f"shard index {where} does not match the manifest (size or SHA-256): it changed after it "
+                            "was written; write the shards again, or restore that file")
+        rows = decode_member("npy", data, where).numpy()
+        offsets = rows[:, 0] if rows.ndim == 2 and rows.shape[1] == 2 else None
+        if (rows.dtype != np.int64 or offsets is None or len(rows) != shard["samples"] + 1 or offsets[0] != 0
+                or (np.diff(offsets) <= 0).any() or offsets[-1] > shard["bytes"]):
+            raise DataError(f"shard index {where} is not the index of its shard's {shard['samples']} samples")
+        return rows
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         s, j = self.locate(index)
-        fd, members = self._shard(s)
-        where = self.store.url(self.shards[s]["name"])
-        key, fields = members[j]
-        sample = {}
-        for field, ext, offset, size in fields:
-            at = f"{where} sample {j} field {field!r}"
-            data = os.pread(fd, size, offset)
-            if len(data) != size:
-                raise DataError(f"{at} is cut short: the shard ends at byte {offset + len(data)}")
-            sample[field] = decode_member(ext, data, at)
+        fd, rows = self._shard(s)
+        where = f"{self.store.url(self.shards[s]['name'])} sample {j}"
+        start, end = int(rows[j, 0]), int(rows[j + 1, 0])
+        data = os.pread(fd, end - start, start)
+        if len(data) != end - start:
+            raise DataError(f"{where} is cut short: the shard ends at byte {start + len(data)}")
+        if self.verify and sample_digest(data) != rows[j, 1]:
+            raise DataError(f"{where} does not match its checksum in the shard index: the shard changed after it was "
+                            "written; write the shards again, or restore that file")
+        key, members = sample_members(data, where)
+        sample = {field: decode_member(ext, value, f"{where} field {field!r}") for field, ext, value in members}
         missing = sorted(set(self.fields) - set(sample))
         if missing:
-            raise DataError(f"shard {where} sample {j} lacks field(s) {', '.join(map(repr, missing))} of the manifest")
+            raise DataError(f"{where} (key {key}) lacks field(s) {', '.join(map(repr, missing))} of the manifest")
         if self.id_field:
             sample[self.id_field] = int(key) if key.isdigit() else key
         return sample

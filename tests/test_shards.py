@@ -307,23 +307,35 @@ def _manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
 
 
-def test_a_changed_byte_is_a_checksum_error_naming_the_shard(digit_shards: Path, tmp_path: Path) -> None:
+def test_a_changed_byte_is_a_checksum_error_naming_shard_and_sample(digit_shards: Path, tmp_path: Path) -> None:
     folder = _copy(digit_shards, tmp_path / "shards")
     shard = folder / "shard-000002.tar"
-    data = bytearray(shard.read_bytes())
-    data[2000] ^= 0xFF  # inside a sample's bytes: the size is unchanged
+    import numpy as np
+
+    data, rows = bytearray(shard.read_bytes()), np.load(folder / "shard-000002.tar.idx.npy")
+    for start in rows[1:-1:2, 0]:  # a byte near the end of samples 0, 2, 4, ...: the size is unchanged
+        data[start - 100] ^= 0xFF
     shard.write_bytes(bytes(data))
     ds = ShardDataset(str(folder))
-    with pytest.raises(DataError, match=r"shard-000002.tar does not match the manifest's SHA-256"):
+    with pytest.raises(DataError, match=r"shard-000002.tar sample 0 does not match its checksum in the shard index"):
         ds[ds.starts[2]]
+    assert ds[ds.starts[2] + 1]["image"].shape == (1, 16, 16)  # the shard's other samples read on
     proc = anymodal("train", "tiny-test", *_from(str(folder)), "data.num_workers=1", "--run-dir", tmp_path / "run",
                     check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("anymodal train: error: ") and "shard-000002.tar" in last, proc.stderr
-    assert ShardDataset(str(folder), verify=False)[ds.starts[3]]  # the other shards read on
+    assert ShardDataset(str(folder), verify=False)[ds.starts[3]]
+    index = folder / "shard-000003.tar.idx.npy"  # an index changed in place: refused before any sample is read
+    raw = bytearray(index.read_bytes())
+    raw[-3] ^= 1
+    index.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"shard index .*shard-000003.tar.idx.npy does not match the manifest"):
+        ds[ds.starts[3]]
 
 
 def test_a_sample_missing_a_field_is_an_error_naming_shard_and_key(digit_shards: Path, tmp_path: Path) -> None:
+    from anymodal.core.shard_format import sample_index
+
     folder = _copy(digit_shards, tmp_path / "shards")
     shard = folder / "shard-000000.tar"
     with tarfile.open(shard) as tar:
@@ -332,12 +344,18 @@ def test_a_sample_missing_a_field_is_an_error_naming_shard_and_key(digit_shards:
         for member, data in members:
             if member.name != "0000000001.label.json":
                 tar.addfile(member, io.BytesIO(data))
+    index = folder / "shard-000000.tar.idx.npy"
+    with open(index, "wb") as f:
+        import numpy as np
+
+        np.save(f, sample_index(shard.read_bytes()))
     manifest = _manifest(folder)
-    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest(),
+                                 index_bytes=index.stat().st_size, index_sha256=hashlib.sha256(index.read_bytes()).hexdigest())
     (folder / MANIFEST).write_text(json.dumps(manifest))
     ds = ShardDataset(str(folder))
     assert ds[0]["label"] is not None
-    with pytest.raises(DataError, match=r"shard-000000.tar sample 1 lacks field\(s\) 'label'"):
+    with pytest.raises(DataError, match=r"shard-000000.tar sample 1 \(key 0000000001\) lacks field\(s\) 'label'"):
         ds[1]
 
 
@@ -346,11 +364,13 @@ def test_missing_and_cut_shards_are_counted_skips_or_strict_errors(digit_shards:
     (folder / "shard-000001.tar").unlink()
     with open(folder / "shard-000003.tar", "r+b") as f:
         f.truncate(1000)
+    (folder / "shard-000005.tar.idx.npy").unlink()
     ds = ShardDataset(str(folder))
-    assert [(Path(p).name, why.split(",")[0]) for p, why in ds.skipped] == [("shard-000001.tar", "missing"),
-                                                                            ("shard-000003.tar", "1000 bytes")]
+    assert [(Path(p).name, why.split(",")[0]) for p, why in ds.skipped] == [
+        ("shard-000001.tar", "missing"), ("shard-000003.tar", "1000 bytes"),
+        ("shard-000005.tar", "without its index shard-000005.tar.idx.npy")]
     manifest = _manifest(folder)
-    assert len(ds) == manifest["samples"] - manifest["shards"][1]["samples"] - manifest["shards"][3]["samples"]
+    assert len(ds) == manifest["samples"] - sum(manifest["shards"][k]["samples"] for k in (1, 3, 5))
     with pytest.raises(DataError, match="shard-000001.tar is missing"):
         ShardDataset(str(folder), strict=True)
 
@@ -363,9 +383,9 @@ def test_a_shard_removed_under_a_running_job_is_an_error(digit_shards: Path, tmp
     with pytest.raises(DataError, match="shard-000004.tar is gone"):
         ds[ds.starts[4]]
     with open(folder / "shard-000000.tar", "r+b") as f:  # cut while open: a short read, not a crash
-        f.truncate(100)
-    with pytest.raises(DataError, match="cut short"):
-        ds[5]
+        f.truncate(10_000)
+    with pytest.raises(DataError, match="shard-000000.tar sample [0-9]+ is cut short"):
+        ds[ds.starts[1] - 1]
 
 
 @pytest.mark.parametrize("change, expected", [
