@@ -120,8 +120,9 @@ def _replicated(folder: Path, times: int, out: Path) -> Path:
     for copy in range(times):
         for shard in manifest["shards"]:
             name = f"shard-{len(shards):06d}.tar"
-            if not (out / name).exists():
-                os.link(folder / shard["name"], out / name)
+            for suffix in ("", ".idx.npy"):  # the shard and its index
+                if not (out / f"{name}{suffix}").exists():
+                    os.link(folder / f"{shard['name']}{suffix}", out / f"{name}{suffix}")
             shards.append({**shard, "name": name})
     (out / "manifest.json").write_text(json.dumps({**manifest, "shards": shards, "samples": manifest["samples"] * times}))
     return out

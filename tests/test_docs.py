@@ -209,6 +209,15 @@ def test_shown_commands_hold(page: str, capsys: pytest.CaptureFixture) -> None:
         elif args[0] in ("config", "plugins", "doctor"):
             code, _, err = _in_process(args, capsys)
             assert code == 0, f"{page}: {line}\n{err}"
+        elif args[0] == "shards":  # `shards write CONFIG ... --out DIR`: its config resolves
+            kept, words = [], iter(args[2:])
+            for word in words:
+                if word in ("--out", "--split", "--shard-size", "--workers"):
+                    next(words, None)
+                elif not word.startswith("--"):
+                    kept.append(word)
+            code, _, err = _in_process(["config", *kept], capsys)
+            assert args[1] == "write" and code == 0, f"{page}: {line}\n{err}"
         elif args[0] == "demo":  # `train default` then `eval`: the train lines check that config
             assert args == ["demo"], f"{page}: {line}"
         else:
