@@ -26,8 +26,13 @@ log = logging.getLogger("anymodal")
 
 
 def evaluate(run_dir: str, pictures: Optional[bool] = None) -> dict:
+    """Eval of a run folder; one at a URL is fetched into its working copy and gets its ``eval/`` uploaded."""
     from ..core.evaluate import evaluate_run
+    from ..core.remote_run import RemoteRun, is_url
 
+    if is_url(run_dir):
+        with RemoteRun(str(run_dir)).read(write=["eval"]) as local:
+            return evaluate(str(local), pictures)
     cfg = load_run_config(Path(run_dir))
     return evaluate_run(Path(run_dir), load_components(cfg.plugins), pictures)
 
@@ -38,11 +43,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.config and "=" in args.config:  # `anymodal train --resume a.b=c`: an override, not a config file
         args.overrides, args.config = [args.config, *args.overrides], None
     try:
-        folder = train(args.config, args.overrides, args.run_dir, args.resume, args.allow_changes)
+        folder = train(args.config, args.overrides, args.run_dir, args.resume, args.allow_changes, args.take_over)
     except Preempted as stop:
         where = stop.checkpoint.parent.parent if stop.checkpoint else None
+        checkpoint = stop.checkpoint
+        if stop.checkpoint and getattr(stop, "run_dir", None):  # a run folder at a URL: resume that
+            where, checkpoint = stop.run_dir, f"{stop.run_dir}/checkpoints/last.pt"
         print(f"anymodal train: stopped by signal {stop.signum}; " + (
-            f"checkpoint {stop.checkpoint}; resume with: anymodal train --resume --run-dir {where}" if where else
+            f"checkpoint {checkpoint}; resume with: anymodal train --resume --run-dir {where}" if where else
             "no checkpoint was written yet: start the run again"), file=sys.stderr)
         raise
     print(f"finished: {folder}")
@@ -84,6 +92,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
     spec = load_experiment(args.experiment)
     extra = [a for a in [args.config, *args.overrides] if "=" in a]
+    if args.run_dir and "://" in args.run_dir:
+        raise UserError("--experiment writes its run folders and table locally: give --run-dir a local folder")
     out = Path(args.run_dir or f"runs/{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
     start, rows = time.perf_counter(), []
     for i, (name, overrides) in enumerate(spec["variants"].items()):
@@ -162,15 +172,40 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from ..core.remote_run import RemoteRun, is_url
+
+    if not is_url(args.run_dir):
+        out = _export(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None,
+                      Path(args.out) if args.out else None)
+        print(f"exported {out}")
+        return 0
+    remote = RemoteRun(args.run_dir)
+    if args.out and is_url(args.out):
+        raise UserError(f"--out {args.out}: export writes a URL only as the run's own export/; leave --out out "
+                        "to upload it there, or give a local folder")
+    checkpoint = args.checkpoint
+    if checkpoint and is_url(checkpoint):  # a file of the run at the URL: the same file in its working copy
+        if not checkpoint.startswith(remote.url + "/"):
+            raise UserError(f"--checkpoint {checkpoint} is not in the run folder {remote.url}: give a file of it, "
+                            "or a local file")
+        checkpoint = str(remote.local / checkpoint[len(remote.url) + 1:])
+    with remote.read(write=[] if args.out else ["export"]) as local:
+        out = _export(local, Path(checkpoint) if checkpoint else None, Path(args.out) if args.out else None)
+    print(f"exported {out if args.out else remote.url + '/' + out.relative_to(local).as_posix()}")
+    return 0
+
+
+def _export(run_dir: Path, checkpoint: Optional[Path], out: Optional[Path]) -> Path:
+    """A checkpoint's backbone (default the run's last) as safetensors into ``out`` (default the run's export/)."""
     from ..core.build import build_backbone
     from ..core.checkpoint import checkpoint_part, load_checkpoint, load_model_state, shard_folder
     from ..core.export import export_backbone
     from ..core.runfolder import RunFolder
 
-    folder = RunFolder(Path(args.run_dir))
+    folder = RunFolder(run_dir)
     cfg = load_run_config(folder.root)
     backbone = build_backbone(cfg, load_components(cfg.plugins))
-    ckpt = Path(args.checkpoint) if args.checkpoint else folder.last
+    ckpt = checkpoint or folder.last
     state = load_checkpoint(ckpt)
     shards = shard_folder(ckpt, state)
     if shards is not None:  # FSDP: the weights are in the shard folder it names
@@ -179,9 +214,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         load_backbone_from_shards(shards, backbone)
     else:
         load_model_state(backbone, checkpoint_part(state, "backbone", ckpt), f"checkpoint {ckpt}")
-    out = export_backbone(backbone, cfg, Path(args.out) if args.out else folder.export)
-    print(f"exported {out}")
-    return 0
+    return export_backbone(backbone, cfg, out or folder.export)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -198,11 +231,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="config file or packaged config name (e.g. default); "
                    "not needed with --resume --run-dir")
     s.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")
-    s.add_argument("--run-dir", help="run folder (default: run.out_dir/run.name)")
+    s.add_argument("--run-dir", help="run folder (default: run.out_dir/run.name); a local folder or an fsspec URL "
+                   "(s3://bucket/prefix/run)")
     s.add_argument("--resume", action="store_true",
                    help="continue the run folder's last checkpoint, with the config saved in the folder")
     s.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept overrides that change the run (recorded in config-changes.jsonl)")
+    s.add_argument("--take-over", action="store_true",
+                   help="a run folder at a URL: take its lock from a run that is gone (another machine's, not yet stale)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("submit", help="run a config's recipe as a Slurm job (through submitit); --sweep makes a job array")
@@ -215,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_submit)
 
     s = sub.add_parser("eval", help="linear probe and k-NN of a run's backbone next to random init")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help="run folder, or its URL (s3://...)")
     s.add_argument("--no-pictures", action="store_true")
     s.set_defaults(func=_cmd_eval)
 
@@ -248,7 +284,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_doctor)
 
     s = sub.add_parser("export", help="export a checkpoint's backbone to safetensors")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help="run folder, or its URL (s3://...)")
     s.add_argument("--checkpoint", help="checkpoint file (default: the run's last)")
     s.add_argument("--out", help="output folder (default: the run's export/)")
     s.set_defaults(func=_cmd_export)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..core.errors import UserError
 from ..core.runfolder import RunFolder
 from .train import load_config, resume_config, train
 
@@ -97,6 +98,10 @@ def submit(config: str, overrides: Sequence[str], sweeps: Sequence[str] = (), ru
     for extra in variants:
         cfg = load_config(config, [*overrides, *extra])[0].cfg
         if root is None:
+            where = str(run_dir) if run_dir else str(cfg.run.out_dir)
+            if "://" in where:  # Path() would fold the URL into a local folder name
+                raise UserError(f"anymodal submit takes a local (shared) run folder, not {where}: submitit writes "
+                                "its scripts and logs there; run `anymodal train --run-dir URL` in the job instead")
             root = Path(run_dir) if run_dir else Path(cfg.run.out_dir) / cfg.run.name
             launcher = cfg.launcher
         folder = (root / _folder_name(extra) if sweeps else root).resolve()

@@ -25,7 +25,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from omegaconf import DictConfig
@@ -132,11 +132,14 @@ class Trainer:
         run_dir: the run folder.
         resume: continue from ``checkpoints/last.pt`` if it exists.
         changes: config changes this resume makes (key -> (before, after)), recorded in the folder.
+        after_save: called on rank 0 after each checkpoint is written (a run folder at a URL uploads it).
     """
 
     def __init__(self, cfg: DictConfig, components: Any, run_dir: Path, resume: bool = False,
-                 changes: Optional[dict[str, tuple[Any, Any]]] = None) -> None:
+                 changes: Optional[dict[str, tuple[Any, Any]]] = None,
+                 after_save: Optional[Callable[[], Any]] = None) -> None:
         self.cfg, self.components = cfg, components
+        self.after_save = after_save
         self.folder = RunFolder(Path(run_dir))
         self.resume, self.changes = resume, changes or {}
         self.rank, self.world = rank(), world_size()
@@ -252,6 +255,8 @@ class Trainer:
                 final = self._save_final(run)
             if run.step == run.total or run.step % cfg.run.checkpoint_every == 0 or stop:
                 self._save(run)
+                if self.main and self.after_save is not None:
+                    self.after_save()
             if stop:
                 bar.close()
                 self._preempt(run.name, run.step)
