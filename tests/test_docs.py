@@ -203,7 +203,7 @@ def test_shown_commands_hold(page: str, capsys: pytest.CaptureFixture) -> None:
             code, out, err = _in_process(_as_config(args), capsys)
             assert code == 0, f"{page}: {line}\n{err}"
             run = OmegaConf.create(out).run
-            written.add(f"{run.out_dir}/{run.name}")
+            written.add(args[args.index("--run-dir") + 1] if "--run-dir" in args else f"{run.out_dir}/{run.name}")
         elif args[0] in NEEDS_RUN_FOLDER or "--resume" in args:
             assert args[0] == "train" or args[1] in written, f"{page}: {line} names a run folder no train line writes"
         elif args[0] in ("config", "plugins", "doctor"):
