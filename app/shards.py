@@ -15,7 +15,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import re
 import sys
 import tarfile

@@ -21,7 +21,6 @@ import torch
 
 from anymodal.app.shards import parse_size, write_shards
 from anymodal.app.train import load_config
-from anymodal.core.data import AugmentedDataset, make_loader
 from anymodal.core.errors import DataError, UserError
 from anymodal.core.mix import MixDataset, apportion
 from anymodal.core.shard_format import MANIFEST
@@ -172,7 +171,6 @@ def test_training_from_shards_is_training_from_files(digit_shards: Path, tmp_pat
 ORDER_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
-from anymodal.core.data import AugmentedDataset, make_loader
 from anymodal.core.shards import ShardDataset
 
 dist.init_process_group("gloo")
