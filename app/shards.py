@@ -30,7 +30,8 @@ from ..core.data import cache_dir
 from ..core.errors import DataError, UserError
 from ..core.runfolder import write_atomic
 from ..core.shard_format import FORMAT, MANIFEST, encode_sample, field_spec, index_name, sample_index, shard_name
-from ..core.shards import ShardStore, is_url, sha256_of
+from ..core.remote_run import is_url
+from ..core.shards import ShardStore, sha256_of
 from ..plugins.manager import load_components
 
 __all__ = ["write_shards", "parse_size"]

@@ -26,16 +26,13 @@ from torch import Tensor
 
 from .data import cache_dir, mix_seed, report_skipped
 from .errors import DataError
+from .remote_run import is_url
 from .shard_format import MANIFEST, check_manifest, decode_member, index_name, sample_digest, sample_members
 
-__all__ = ["ShardDataset", "ShardStore", "is_url", "sha256_of"]
+__all__ = ["ShardDataset", "ShardStore", "sha256_of"]
 
 log = logging.getLogger(__name__)
 _OPEN_SHARDS = 128  # shards one process keeps open, with their indices (above the default window)
-
-
-def is_url(path: str) -> bool:
-    return "://" in str(path)
 
 
 def sha256_of(path: str) -> str:
