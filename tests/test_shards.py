@@ -171,6 +171,7 @@ def test_training_from_shards_is_training_from_files(digit_shards: Path, tmp_pat
 ORDER_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
+from anymodal.core.data import AugmentedDataset, make_loader
 from anymodal.core.shards import ShardDataset
 
 dist.init_process_group("gloo")
@@ -195,8 +196,9 @@ dist.destroy_process_group()
 def _order(path: Path, world: int, workers: int, out: Path) -> list[dict[str, list]]:
     script = out.with_suffix(".py")
     script.write_text(ORDER_SCRIPT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-                    str(script), str(path), str(workers), str(out)], check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+                           str(script), str(path), str(workers), str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
     return [{int(k): v for k, v in rank.items()} for rank in json.loads(out.read_text())]
 
 
