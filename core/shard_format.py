@@ -71,15 +71,6 @@ def encode_sample(key: str, sample: Mapping[str, Any]) -> dict[str, bytes]:
     return out
 
 
-def split_member(name: str) -> tuple[str, str, str]:
-    """``(key, field, ext)`` of a member name; DataError for one not in the format."""
-    key, _, rest = name.partition(".")
-    parsed = _field_ext(rest)
-    if not key or parsed is None:
-        raise DataError(f"member {name!r} is not <key>.<field>.<npy|txt|json>")
-    return key, parsed[0], parsed[1]
-
-
 @functools.lru_cache(maxsize=4096)  # the same few field names in every sample
 def _field_ext(rest: str) -> Optional[tuple[str, str]]:
     field, dot, ext = rest.partition(".")
@@ -88,21 +79,27 @@ def _field_ext(rest: str) -> Optional[tuple[str, str]]:
     return urllib.parse.unquote(field), ext
 
 
-def decode_member(ext: str, data: bytes, where: str) -> Any:
-    """The value of a member's bytes; DataError naming ``where`` when they do not decode."""
+def decode_member(ext: str, data: Any, where: Any) -> Any:
+    """The value of a member's bytes (``bytes`` or a ``memoryview`` of a writable buffer, which
+    a tensor then shares); DataError naming ``where`` (a string, or a callable making one only
+    when it is needed) when they do not decode."""
     try:
         if ext == "npy":
-            return torch.from_numpy(_npy(data, where))
+            return torch.from_numpy(_npy(data))
         if ext == "txt":
-            return data.decode()
-        return json.loads(data)
+            return str(data, "utf-8")
+        raw = bytes(data)
+        if raw.isdigit() and (len(raw) == 1 or raw[0] != 48):  # a class label: no JSON parser needed
+            return int(raw)
+        return json.loads(raw)
     except (ValueError, EOFError, UnicodeDecodeError, OSError) as e:
-        raise DataError(f"{where} does not decode as .{ext}: {e}") from None
+        raise DataError(f"{where() if callable(where) else where} does not decode as .{ext}: {e}") from None
 
 
-def _npy(data: bytes, where: str) -> np.ndarray:
+def _npy(data: Any) -> np.ndarray:
     """A ``.npy`` member's array; the header is parsed once per distinct header (numpy's own literal
-    parser, no pickle), so a field of one shape decodes with one ``frombuffer``."""
+    parser, no pickle), so a field of one shape decodes with one ``frombuffer``. Over a writable
+    buffer the array is a view of it (no copy); over ``bytes``, a copy."""
     if len(data) < 10 or data[:6] != b"\x93NUMPY":
         raise ValueError("not a .npy array")
     size_bytes = 2 if data[6] == 1 else 4
@@ -111,7 +108,8 @@ def _npy(data: bytes, where: str) -> np.ndarray:
     count = math.prod(shape)
     if len(data) - end != count * dtype.itemsize:
         raise ValueError(f"{len(data) - end} bytes of array data, the header says {count * dtype.itemsize}")
-    return np.frombuffer(data, dtype, count, end).reshape(shape, order="F" if fortran else "C").copy()
+    array = np.frombuffer(data, dtype, count, end).reshape(shape, order="F" if fortran else "C")
+    return array if array.flags.writeable else array.copy()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -164,28 +162,39 @@ def sample_digest(data: bytes) -> int:
 
 def _header(header: bytes, offset: int, where: str) -> tuple[str, int]:
     """Name and size of a plain ustar file member's header (the writer's; others are refused)."""
-    kind = header[156:157]
-    if kind not in (b"0", b"\0"):
-        raise DataError(f"{where} has a member of tar type {kind!r} at byte {offset}: anymodal shards hold plain files")
+    if header[156] not in _FILE_TYPES:
+        raise DataError(f"{where} has a member of tar type {header[156:157]!r} at byte {offset}: anymodal shards "
+                        "hold plain files")
+    end = header.find(0, 0, 100)
     try:
-        return header[:100].rstrip(b"\0").decode(), int(header[124:136].strip(b"\0 ") or b"0", 8)
+        return header[:100 if end < 0 else end].decode(), int(header[124:136].strip(b"\0 ") or b"0", 8)
     except (ValueError, UnicodeDecodeError):
         raise DataError(f"{where} is not a readable tar at byte {offset}") from None
 
 
-def sample_members(data: bytes, where: str) -> tuple[str, list[tuple[str, str, bytes]]]:
-    """One sample's byte range parsed: ``(key, [(field, ext, bytes), ...])``."""
-    members, key, offset = [], None, 0
-    while offset < len(data):
-        name, length = _header(data[offset:offset + tarfile.BLOCKSIZE], offset, where)
+_FILE_TYPES = frozenset(b"0\0")
+
+
+def sample_members(data: Any, where: str) -> tuple[str, list[tuple[str, str, Any]]]:
+    """One sample's byte range parsed: ``(key, [(field, ext, value), ...])``, each value a slice of
+    ``data`` (a ``memoryview`` when ``data`` is one: no copies)."""
+    members, key, offset, size = [], None, 0, len(data)
+    while offset < size:
+        header = bytes(data[offset:offset + tarfile.BLOCKSIZE])
+        if len(header) < tarfile.BLOCKSIZE:
+            raise DataError(f"{where}: the member header at byte {offset} is cut short")
+        name, length = _header(header, offset, where)
         start = offset + tarfile.BLOCKSIZE
-        if start + length > len(data):
+        if start + length > size:
             raise DataError(f"{where}: member {name!r} runs past the sample's byte range")
-        member_key, field, ext = split_member(name)
+        member_key, dot, rest = name.partition(".")
+        parsed = _field_ext(rest)
+        if not member_key or parsed is None:
+            raise DataError(f"{where}: member {name!r} is not <key>.<field>.<npy|txt|json>")
         if key is not None and member_key != key:
             raise DataError(f"{where}: member {name!r} belongs to another sample than {key}")
         key = member_key
-        members.append((field, ext, data[start:start + length]))
+        members.append((parsed[0], parsed[1], data[start:start + length]))
         offset = start + -(-length // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     if key is None:
         raise DataError(f"{where} holds no members")

@@ -270,22 +270,32 @@ class ShardDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         s, j = self.locate(index)
         fd, rows = self._shard(s)
-        where = f"{self.store.url(self.shards[s]['name'])} sample {j}"
         start, end = int(rows[j, 0]), int(rows[j + 1, 0])
-        data = os.pread(fd, end - start, start)
-        if len(data) != end - start:
-            raise DataError(f"{where} is cut short: the shard ends at byte {start + len(data)}")
+        data = bytearray(end - start)  # writable: the sample's tensors are views of it, not copies
+        got = os.preadv(fd, [data], start)
+        if got != len(data):
+            raise DataError(f"{self._where(s, j)} is cut short: the shard ends at byte {start + got}")
         if self.verify and sample_digest(data) != rows[j, 1]:
-            raise DataError(f"{where} does not match its checksum in the shard index: the shard changed after it was "
-                            "written; write the shards again, or restore that file")
-        key, members = sample_members(data, where)
-        sample = {field: decode_member(ext, value, f"{where} field {field!r}") for field, ext, value in members}
-        missing = sorted(set(self.fields) - set(sample))
-        if missing:
-            raise DataError(f"{where} (key {key}) lacks field(s) {', '.join(map(repr, missing))} of the manifest")
+            raise DataError(f"{self._where(s, j)} does not match its checksum in the shard index: the shard changed "
+                            "after it was written; write the shards again, or restore that file")
+        key, members = sample_members(memoryview(data), self._where(s, j))
+        sample = {field: decode_member(ext, value, lambda: f"{self._where(s, j)} field {field!r}")
+                  for field, ext, value in members}
+        if len(sample) < len(self.fields):
+            missing = sorted(set(self.fields) - set(sample))
+            if missing:
+                raise DataError(f"{self._where(s, j)} (key {key}) lacks field(s) {', '.join(map(repr, missing))} of "
+                                "the manifest")
         if self.id_field:
             sample[self.id_field] = int(key) if key.isdigit() else key
         return sample
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch's samples (the loader's batched fetch: see `AugmentedDataset.__getitems__`)."""
+        return [self[i] for i in indices]
+
+    def _where(self, s: int, j: int) -> str:
+        return f"{self.store.url(self.shards[s]['name'])} sample {j}"
 
 
 def _has_manifest(store: ShardStore, split: str) -> bool:

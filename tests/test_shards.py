@@ -58,6 +58,8 @@ def _check_round_trip(cfg, out: Path) -> None:
         want, got = source[i], shards[i]
         assert set(want) == set(got), (i, sorted(want), sorted(got))
         assert all(_same(want[k], got[k]) for k in want), i
+    batch = shards.__getitems__(list(range(len(source) - 1, -1, -1)))  # the loader's batched fetch
+    assert all(_same(a[k], b[k]) for a, b in zip(batch, reversed([shards[i] for i in range(len(source))])) for k in a)
     manifest = json.loads((out / "train" / MANIFEST).read_text())
     assert manifest["samples"] == len(source) and manifest["source"]["dataset"]["name"] == cfg.data.train.name
     for shard in manifest["shards"]:
@@ -166,6 +168,35 @@ def test_training_from_shards_is_training_from_files(digit_shards: Path, tmp_pat
         anymodal("eval", tmp_path / run, "--no-pictures", timeout=300)
     read = [json.loads((tmp_path / run / "eval" / "results.json").read_text()) for run in ("files", "shards")]
     assert read[0]["results"] == read[1]["results"] and read[0]["test_samples"] == read[1]["test_samples"]
+
+
+class _Clips:
+    """A dataset that draws its own randomness (as clip sampling does): `sample(index, generator)`."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def sample(self, index: int, generator: torch.Generator) -> dict:
+        return {"video": torch.rand(2, 1, 4, 4, generator=generator) + index}
+
+
+def test_a_batched_fetch_is_the_samples_fetched_one_by_one(digit_shards: Path) -> None:
+    """`AugmentedDataset.__getitems__` (what the loader calls) reads a batch, then augments it: the
+    same samples, augmented the same way, as `__getitem__` one at a time; over shards and over a
+    dataset that samples clips itself."""
+    from anymodal.core.build import build_dataset, build_transforms
+    from anymodal.core.data import AugmentedDataset
+    from anymodal.plugins.manager import load_components
+
+    cfg = load_config("tiny-test", [*_from(str(digit_shards)), "data.transforms=[{name: random_translate, max_shift: 3}]"])[0].cfg
+    components = load_components(cfg.plugins)
+    items = [(i, e) for e in (0, 1) for i in (5, 0, 2, 5)]
+    for dataset, key in ((build_dataset(cfg, "train", components), "image"), (_Clips(), "video")):
+        transforms = build_transforms(cfg, components) if key == "image" else []
+        augmented = AugmentedDataset(dataset, transforms, key, seed=3, views=2 if transforms else 1)
+        batch, singles = augmented.__getitems__(items), [augmented[item] for item in items]
+        assert all(set(a) == set(b) and all(_same(a[k], b[k]) for k in a) for a, b in zip(batch, singles)), key
+        assert not torch.equal(batch[0][key], batch[4][key]), key  # another epoch, another draw
 
 
 ORDER_SCRIPT = """
