@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 import time
@@ -176,7 +177,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if not is_url(args.run_dir):
         out = _export(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None,
-                      Path(args.out) if args.out else None)
+                      Path(args.out) if args.out else None, args.format, args.sensor)
         print(f"exported {out}")
         return 0
     remote = RemoteRun(args.run_dir)
@@ -190,31 +191,52 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             "or a local file")
         checkpoint = str(remote.local / checkpoint[len(remote.url) + 1:])
     with remote.read(write=[] if args.out else ["export"]) as local:
-        out = _export(local, Path(checkpoint) if checkpoint else None, Path(args.out) if args.out else None)
+        out = _export(local, Path(checkpoint) if checkpoint else None, Path(args.out) if args.out else None, args.format,
+                      args.sensor)
     print(f"exported {out if args.out else remote.url + '/' + out.relative_to(local).as_posix()}")
     return 0
 
 
-def _export(run_dir: Path, checkpoint: Optional[Path], out: Optional[Path]) -> Path:
-    """A checkpoint's backbone (default the run's last) as safetensors into ``out`` (default the run's export/)."""
+def _export(run_dir: Path, checkpoint: Optional[Path], out: Optional[Path], fmt: str = "safetensors",
+            sensor: Optional[str] = None) -> Path:
+    """A checkpoint's backbone (default the run's last) in format ``fmt`` into ``out`` (default the
+    run's export/); the file written. ``sensor``: the scene sensor a graph encodes (default the first)."""
+    from ..core import export
     from ..core.build import build_backbone
-    from ..core.checkpoint import checkpoint_part, load_checkpoint, load_model_state, shard_folder
-    from ..core.export import export_backbone
+    from ..core.pretrained import PretrainedEncoder, example_input, load_checkpoint_backbone
     from ..core.runfolder import RunFolder
 
     folder = RunFolder(run_dir)
     cfg = load_run_config(folder.root)
-    backbone = build_backbone(cfg, load_components(cfg.plugins))
-    ckpt = checkpoint or folder.last
-    state = load_checkpoint(ckpt)
-    shards = shard_folder(ckpt, state)
-    if shards is not None:  # FSDP: the weights are in the shard folder it names
-        from ..core.parallel import load_backbone_from_shards
-
-        load_backbone_from_shards(shards, backbone)
+    backbone = load_checkpoint_backbone(build_backbone(cfg, load_components(cfg.plugins)), checkpoint or folder.last)
+    out = out or folder.export
+    if fmt == "safetensors":
+        return export.export_backbone(backbone, cfg, out)
+    if fmt == "timm":
+        try:
+            report = export.export_timm(backbone, out)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     else:
-        load_model_state(backbone, checkpoint_part(state, "backbone", ckpt), f"checkpoint {ckpt}")
-    return export_backbone(backbone, cfg, out or folder.export)
+        try:
+            encoder = PretrainedEncoder(backbone.eval(), str(cfg.modality.name), sensor)
+        except KeyError as e:
+            raise UserError(f"--sensor {sensor}: {e.args[0]}") from None
+        writer = export.export_onnx if fmt == "onnx" else export.export_program
+        samples = example_input(cfg, encoder, 3)  # traced on two, checked on all three too
+        try:
+            report = writer(encoder, tuple(t[:2] for t in samples), out, [samples])
+        except ImportError as e:
+            raise UserError(str(e)) from None
+        except Exception as e:  # the graph capture refusing the model (data-dependent shapes, an op with no export)
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporters colour their messages
+            reason = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+            raise UserError(f"the {cfg.modality.name} encoder does not export as --format {fmt}: {reason[:300]}") from None
+        errors = report["max_abs_error"]
+        print(f"checked against the encoder on {len(report['batch_sizes'])} batches (of {', '.join(map(str, report['batch_sizes']))}"
+              f" samples): largest absolute error "
+              f"{errors['tokens']:.2e} (tokens), {errors['features']:.2e} (features)")
+    return Path(out) / report["file"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -283,10 +305,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="python, torch, CUDA, optional extras, plugins and the ones that failed to load")
     s.set_defaults(func=_cmd_doctor)
 
-    s = sub.add_parser("export", help="export a checkpoint's backbone to safetensors")
+    s = sub.add_parser("export", help="export a checkpoint's backbone (safetensors, onnx, torch.export, timm)")
     s.add_argument("run_dir", help="run folder, or its URL (s3://...)")
+    s.add_argument("--format", default="safetensors", choices=["safetensors", "onnx", "torch", "timm"],
+                   help="safetensors + config.yaml (anymodal's, the default); onnx (checked with onnxruntime); "
+                        "torch (a torch.export program); timm (a timm ViT state dict, image backbones)")
     s.add_argument("--checkpoint", help="checkpoint file (default: the run's last)")
     s.add_argument("--out", help="output folder (default: the run's export/)")
+    s.add_argument("--sensor", help="onnx/torch of a multi-sensor (scene) run: the sensor to encode (default: the first)")
     s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("shards", help="shard tools: `shards write CONFIG --out DIR` writes a config's dataset as shards")

@@ -21,7 +21,8 @@ __all__ = ["EXTRAS", "doctor_report"]
 
 # the optional packages the modality-free core uses; each modality's plugin reports its own
 # (``report_environment``). The pip extra that brings each is read from anymodal's metadata.
-EXTRAS = {"timm": "timm", "xformers": "xformers", "tensorboard": "tensorboard", "submitit": "submitit"}
+EXTRAS = {"timm": "timm", "xformers": "xformers", "tensorboard": "tensorboard", "submitit": "submitit",
+          "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"}
 # timm without its dependencies, as scripts/install.sh does: its torchvision requirement would
 # replace a CPU torch (anymodal.core.timm_compat supplies what timm needs from torchvision)
 COMMANDS = {"timm": 'pip install --no-deps "timm>=1.0,<2"', "submitit": "pip install submitit"}

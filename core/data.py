@@ -180,9 +180,10 @@ class StepBatchSampler(Sampler):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not one of the {world} processes")
         if num_samples < batch_size:
-            raise ValueError(f"dataset has {num_samples} samples, fewer than one batch of {batch_size}")
+            raise DataError(f"the dataset has {num_samples} samples, fewer than one batch of {batch_size} "
+                            "(data.batch_size, or the stage's batch_size): lower it or use more samples")
         if batch_size % world:
-            raise ValueError(f"the batch size ({batch_size}) is the global batch: it must divide evenly over "
+            raise DataError(f"the batch size ({batch_size}) is the global batch: it must divide evenly over "
                              f"{world} processes")
         self.num_samples, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
         self.rank, self.world, self.order = rank, world, order

@@ -2,7 +2,8 @@
 
 A code block after ``<!-- docs-test: file PATH -->`` is written to PATH in a fresh folder (one per
 page and ``###`` section); a block after ``<!-- docs-test: run -->`` is run there line by line
-(``anymodal`` as ``python -m anymodal``, ``python -m anymodal.<module>`` as written, the folder on PYTHONPATH, entry-point autoload off so only
+(``anymodal`` as ``python -m anymodal``, ``python -m anymodal.<module>`` as written, ``python SCRIPT.py`` for a
+script a block of the section wrote, the folder on PYTHONPATH, entry-point autoload off so only
 what the docs show is loaded). The sensor plugin shown must be the example package's code, byte for
 byte. The README stays a front door (under 250 lines), and its links into docs/ name pages that exist.
 """
@@ -116,10 +117,13 @@ def test_section_runs(key: tuple[str, str], tmp_path: Path) -> None:
             args = shlex.split(line)
             if args[:2] == ["python", "-m"] and args[2].split(".")[0] == "anymodal":  # a module's own tool
                 args = args[2:]
-            assert args[0].split(".")[0] == "anymodal", \
-                f"docs run block in {key!r} runs {args[0]!r}; only anymodal commands and modules are run"
-            proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
-                                  timeout=300)
+            if args[0] == "python" and len(args) == 2 and (tmp_path / args[1]).is_file():  # a script the page wrote
+                command = [sys.executable, args[1]]
+            else:
+                assert args[0].split(".")[0] == "anymodal", \
+                    f"docs run block in {key!r} runs {args[0]!r}; only anymodal commands and modules are run"
+                command = [sys.executable, "-m", *args]
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
             assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
-from .common import grid_positions, normalize_per_token
+from .common import any_true, grid_positions, normalize_per_token
 
 __all__ = ["LogMelFrontend", "mel_filterbank", "SpectrogramPatchTokenizer", "SpectrogramFrameTokenizer"]
 
@@ -198,7 +198,7 @@ class SpectrogramPatchTokenizer(_SpectrogramTokenizer):
         grid = (spec.shape[1] // self.patch_t, spec.shape[2] // self.patch_f)
         pos = grid_positions(grid, x.shape[0], x.device)
         token_padding = pos[..., 0] >= counts[:, None]
-        return Tokens(x=x, pos=pos, padding=token_padding if bool(token_padding.any()) else None, grid=grid,
+        return Tokens(x=x, pos=pos, padding=token_padding if any_true(token_padding) else None, grid=grid,
                       targets=self._targets(self.patches(spec)) if self.make_targets else None, modality="audio")
 
 
@@ -229,5 +229,5 @@ class SpectrogramFrameTokenizer(_SpectrogramTokenizer):
         grid = (targets.shape[1],)
         pos = grid_positions(grid, b, x.device)
         token_padding = pos[..., 0] >= counts[:, None]
-        return Tokens(x=x, pos=pos, padding=token_padding if bool(token_padding.any()) else None, grid=grid,
+        return Tokens(x=x, pos=pos, padding=token_padding if any_true(token_padding) else None, grid=grid,
                       targets=self._targets(targets) if self.make_targets else None, modality="audio")

@@ -7,9 +7,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["grid_positions", "normalize_per_token", "targets_for_viewing"]
+__all__ = ["grid_positions", "normalize_per_token", "targets_for_viewing", "any_true"]
 
 _EPS = 1e-6
+
+
+def any_true(mask: Tensor) -> bool:
+    """Whether ``mask`` holds a True, for skipping work when it does not. While a graph is exported
+    (``torch.export``, ONNX) the answer is always yes: the graph must serve every input, and it
+    cannot branch on a tensor's values."""
+    return torch.compiler.is_exporting() or bool(mask.any())
 
 
 def grid_positions(grid: Sequence[int], batch: int, device: torch.device) -> Tensor:

@@ -74,9 +74,14 @@ def assign_pillars(xyz: Tensor, padding: Optional[Tensor], point_range: Sequence
     used = occupied.nonzero().squeeze(1)
     cloud = torch.div(used, cells, rounding_mode="floor")
     rc = used - cloud * cells
-    counts = torch.bincount(cloud, minlength=b)
+    counts = _count(cloud, b)
     slot = torch.arange(used.numel(), device=xyz.device) - (counts.cumsum(0) - counts)[cloud]
     return PillarAssignment(point, pillar, cloud, torch.div(rc, nx, rounding_mode="floor"), rc % nx, slot, counts)
+
+
+def _count(index: Tensor, size: int) -> Tensor:
+    """``torch.bincount(index, minlength=size)`` for indices below ``size``, in ops ONNX has."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 def scatter_pool(features: Tensor, pillar: Tensor, num: int, reduce: str = "amax") -> Tensor:
@@ -188,6 +193,7 @@ class PillarTokenizer(nn.Module):
         self.dim, self.max_points, self.channels = dim, max_points, channels
         self.loss, self.input_key = loss, input_key
         self.target_dim = max_points * 4
+        self.make_targets = True  # the trainer turns it off when no objective of the stage reads targets
         self.point_linear = nn.Linear(channels + 5, hidden)  # its bias is added after pooling
         self.norm = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, dim)
@@ -204,7 +210,7 @@ class PillarTokenizer(nn.Module):
         s = a.num_pillars
         kept = points.reshape(b * n, -1).index_select(0, a.point)[:, :self.channels].float()  # [P, C]
         xyz = kept[:, :3]
-        count = torch.bincount(a.pillar, minlength=s)
+        count = _count(a.pillar, s)
         mean = xyz.new_zeros(s, 3).index_add_(0, a.pillar, xyz) / count.unsqueeze(-1)
         centre = torch.stack([x_min + (a.col + 0.5) * sx, y_min + (a.row + 0.5) * sy,
                               torch.full_like(mean[:, 0], (z_min + z_max) / 2)], -1).to(xyz.dtype)
@@ -220,14 +226,17 @@ class PillarTokenizer(nn.Module):
         pooled = pooled + self.point_linear.bias
         pooled = self.proj(torch.relu(self.norm(pooled)))  # [S, dim]
 
-        m = max(1, int(a.counts.max())) if b else 1
+        m = a.counts.max().clamp(min=1).item() if b else 1  # the most pillars in a sweep: the token count
+        torch._check(m >= 1)  # tells torch.export the data-dependent count is a valid size
         flat = a.cloud * m + a.slot
         x = pooled.new_zeros(b * m, self.dim).index_copy_(0, flat, pooled).view(b, m, self.dim)
         pos = torch.zeros(b * m, 2, dtype=torch.long, device=points.device)
         pos = pos.index_copy_(0, flat, torch.stack([a.row, a.col], -1)).view(b, m, 2)
         token_padding = torch.ones(b * m, dtype=torch.bool, device=points.device).index_fill_(0, flat, False)
-        targets = self._targets(local, xyz, a.pillar, count, s)
-        targets = targets.new_zeros(b * m, self.target_dim).index_copy_(0, flat, targets).view(b, m, -1)
+        targets = None
+        if self.make_targets:
+            targets = self._targets(local, xyz, a.pillar, count, s)
+            targets = targets.new_zeros(b * m, self.target_dim).index_copy_(0, flat, targets).view(b, m, -1)
         # each input point's token (its pillar's slot), -1 for points out of range or padding
         source = torch.full((b * n,), -1, dtype=torch.long, device=points.device)
         source = source.index_copy_(0, a.point, a.slot.index_select(0, a.pillar)).view(b, n)

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .common import any_true
+
 __all__ = ["farthest_point_sample", "knn_group", "chamfer_distance", "gather_points", "check_points", "CHAMFER_LOSSES",
            "FPS_KERNELS"]
 
@@ -78,7 +80,7 @@ def farthest_point_sample(xyz: Tensor, num: int, padding: Optional[Tensor] = Non
     device = xyz.device
     valid = torch.ones(b, n, dtype=torch.bool, device=device) if padding is None else ~padding
     n_valid = valid.sum(-1)
-    if n == 0 or bool((n_valid == 0).any()):
+    if n == 0 or (not torch.compiler.is_exporting() and bool((n_valid == 0).any())):
         raise ValueError("farthest_point_sample got a cloud with no valid points")
     if generator is None:
         start = valid.byte().argmax(-1)  # first valid point
@@ -95,7 +97,7 @@ def farthest_point_sample(xyz: Tensor, num: int, padding: Optional[Tensor] = Non
         picks = fps_triton(coords, dist, start, num)
     else:
         picks = _fps_loop(coords, dist, start, num)
-    if bool((n_valid < num).any()):
+    if any_true(n_valid < num):
         j = torch.arange(num, device=device).expand(b, -1)
         picks = picks.gather(1, torch.where(j < n_valid[:, None], j, j % n_valid[:, None]))
     return picks
@@ -169,7 +171,8 @@ def _sq_dist(points: Tensor, centres: Tensor) -> Tensor:
 def _knn_brute(p: Tensor, c: Tensor, k: int, padding: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Every centre against every point, in chunks of centres (bounded memory); ``(dist, idx)``."""
     b, n, _ = p.shape
-    step = max(1, _KNN_CHUNK // max(1, b * n * 3))
+    # an exported graph takes every centre at once: a chunk size from the shapes would fix them
+    step = c.shape[1] if torch.compiler.is_exporting() else max(1, _KNN_CHUNK // max(1, b * n * 3))
     vals, idxs = [], []
     for s in range(0, c.shape[1], step):
         d = (p.unsqueeze(1) - c[:, s:s + step].unsqueeze(2)).pow(2).sum(-1)  # [B, g, N]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
+from .common import any_true
 from .point_ops import CHAMFER_LOSSES, FPS_KERNELS, chamfer_distance, check_points, farthest_point_sample, gather_points, knn_group
 
 __all__ = ["PointPatchTokenizer"]
@@ -82,7 +83,7 @@ class PointPatchTokenizer(nn.Module):
         if padding is not None or points.shape[1] < self.groups:
             n_valid = points.shape[1] if padding is None else (~padding).sum(-1, keepdim=True)
             repeated = (torch.arange(self.groups, device=points.device) >= n_valid).expand(points.shape[0], -1)
-            token_padding = repeated if bool(repeated.any()) else None
+            token_padding = repeated if any_true(repeated) else None
         return Tokens(x=x, pos=centres, padding=token_padding, targets=rel.flatten(2), modality="points")
 
     def reconstruction_loss(self, pred: Tensor, target: Tensor) -> Tensor:
