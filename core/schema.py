@@ -198,6 +198,9 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
     # a scene's sensors through the one encoder (with a per-sensor embedding) or each through its own
     sensor_encoders: str = checked("shared", OneOf(SENSOR_ENCODERS))
+    # start from weights trained elsewhere: a file or folder (anymodal export, run or checkpoint; a timm
+    # ViT checkpoint) or a hub name (timm:NAME, hf-hub:ORG/REPO); what fits is loaded, the rest reported
+    init: Optional[str] = None
 
 
 @dataclass

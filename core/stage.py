@@ -32,6 +32,7 @@ from .data import AugmentedDataset, collate, make_loader, mix_seed
 from .device import compile_for
 from .distributed import barrier
 from .errors import DataError, UserError
+from .init_weights import init_backbone
 from .masking import Mask
 from .mix import MixDataset
 from .monitor import OnlineMonitor
@@ -247,8 +248,10 @@ class StageSetup:
         if stage.init_from == SCRATCH:
             with torch.random.fork_rng(devices=[]):  # same seed, same construction: the run's first weights
                 torch.manual_seed(self.cfg.run.seed)
-                initial = build_backbone(self.cfg, self.components).to(self.device).state_dict()
-            backbone.load_state_dict(initial)
+                initial = build_backbone(self.cfg, self.components).to(self.device)
+            if self.cfg.model.init:  # the run's initial weights are the ones it was started from
+                init_backbone(initial, str(self.cfg.model.init))
+            backbone.load_state_dict(initial.state_dict())
         elif stage.init_from:
             path = self.folder.final(stage.init_from)
             load_model_state(backbone, checkpoint_part(load_checkpoint(path), "backbone", path), f"stage {name} init_from {path}")

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_model_state
 
-__all__ = ["import_timm", "FrozenBatchNorm2d", "backbone_state_from_timm_vit", "load_timm_vit"]
+__all__ = ["import_timm", "FrozenBatchNorm2d", "backbone_state_from_timm_vit", "load_timm_vit", "timm_vit_from_backbone"]
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,8 @@ _BLOCK_KEYS = frozenset(f"{module}.{p}" for module in ("norm1", "attn.qkv", "att
 _HEAD_PREFIXES = ("head.", "head_drop.", "fc_norm.", "attn_pool.")
 
 
-def backbone_state_from_timm_vit(state: Mapping[str, Tensor], num_patches: Optional[int] = None) -> dict[str, Tensor]:
+def backbone_state_from_timm_vit(state: Mapping[str, Tensor], num_patches: Optional[int] = None,
+                                 unmapped: Optional[list[str]] = None) -> dict[str, Tensor]:
     """Convert a timm ``VisionTransformer`` state dict to an anymodal `Backbone`'s.
 
     The backbone is ``Backbone(ImagePatchTokenizer(dim, image_size, patch_size, channels),
@@ -248,21 +249,26 @@ def backbone_state_from_timm_vit(state: Mapping[str, Tensor], num_patches: Optio
         num_patches: the backbone's patch count, if known; when ``pos_embed`` has exactly this many
             rows besides a class token (timm's ``no_embed_class=True``), the class token gets a zero
             position, which is what timm computes.
+        unmapped: a list to collect the keys with no counterpart in (classifier keys included)
+            instead of raising for them: what `model.init` loads only what fits with.
 
     Raises:
         ValueError: keys with no anymodal counterpart (register tokens, layer scale ``ls1.gamma``,
             qk-norm, ``norm_pre``, ...), all listed; or a model whose final norm is ``fc_norm``
             (after pooling) instead of ``norm`` (per token).
     """
-    if "norm.weight" not in state and "fc_norm.weight" in state:
+    strict = unmapped is None
+    if strict and "norm.weight" not in state and "fc_norm.weight" in state:
         raise ValueError("this timm ViT has no final per-token norm: it normalizes after pooling (fc_norm, the default "
                          "with global_pool='avg'), while anymodal's Encoder ends with a LayerNorm on every token; "
                          "use a model created with fc_norm=False (or a class-token model)")
     out: dict[str, Tensor] = {}
-    unmapped: list[str] = []
+    unmapped = [] if unmapped is None else unmapped
     has_cls = "cls_token" in state
     for key, value in state.items():
         if key.startswith(_HEAD_PREFIXES):
+            if not strict:
+                unmapped.append(key)
             continue
         if key.startswith("patch_embed.proj."):
             out["tokenizer.proj." + key[len("patch_embed.proj."):]] = value
@@ -289,7 +295,7 @@ def backbone_state_from_timm_vit(state: Mapping[str, Tensor], num_patches: Optio
             out["encoder." + key] = value
         else:
             unmapped.append(key)
-    if unmapped:
+    if unmapped and strict:
         raise ValueError(
             f"cannot map {len(unmapped)} timm key(s) onto an anymodal Backbone: {', '.join(unmapped)}. "
             "Supported: a plain pre-norm ViT (class token optional, learned pos_embed, patch_embed.proj, "
@@ -312,3 +318,48 @@ def load_timm_vit(backbone: nn.Module, state: Mapping[str, Tensor]) -> nn.Module
     load_model_state(backbone, converted, "timm ViT weights (build the backbone with the timm model's width, depth, "
                      "patch size, image size, channels and class token)")
     return backbone
+
+
+# --------------------------------------------------------------------------------------------
+# anymodal Backbone -> timm VisionTransformer weights (the inverse of the mapping above)
+
+
+def timm_vit_from_backbone(backbone: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An image backbone as a timm ``VisionTransformer``: ``(state_dict, create_model kwargs)``.
+
+    ``timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)`` (any ViT name: the
+    kwargs set every size) then loads the state dict strictly, and its ``forward_features`` gives
+    the backbone's tokens (the class token first when there is one). A fixed (sin-cos) position
+    encoding becomes timm's learned ``pos_embed``, evaluated on the patch grid.
+
+    Raises:
+        ValueError: a backbone timm has no model for (another tokenizer than image patches, more
+            than one sensor), with the reason.
+    """
+    tokenizer, encoder = backbone.tokenizer, backbone.encoder
+    if type(tokenizer).__name__ != "ImagePatchTokenizer" or getattr(backbone, "others", None):
+        raise ValueError(f"timm export needs a single-sensor image backbone (ImagePatchTokenizer); this one tokenizes "
+                         f"with {type(tokenizer).__name__}{' and more sensors' if getattr(backbone, 'others', None) else ''}"
+                         ", for which timm has no model: export it as safetensors, onnx or torch instead")
+    with torch.no_grad():
+        probe = torch.zeros(1, tokenizer.channels, tokenizer.image_size, tokenizer.image_size,
+                            dtype=tokenizer.proj.weight.dtype, device=tokenizer.proj.weight.device)
+        tokens = tokenizer(probe)
+        table = encoder.posenc(tokens.pos).to(tokens.x.dtype)  # [1, N, D], row-major like timm's patches
+    state: dict[str, Tensor] = {}
+    for key, value in backbone.state_dict().items():
+        if key.startswith("tokenizer.proj."):
+            state["patch_embed.proj." + key[len("tokenizer.proj."):]] = value
+        elif key.startswith("encoder.blocks.") or key in ("encoder.norm.weight", "encoder.norm.bias"):
+            state[key[len("encoder."):]] = value
+        elif key == "encoder.cls_token":
+            state["cls_token"] = value
+    has_cls = encoder.cls_token is not None
+    state["pos_embed"] = torch.cat([encoder.cls_pos.detach(), table], 1) if has_cls else table
+    state = {k: v.detach().clone().contiguous().cpu() for k, v in state.items()}
+    block = encoder.blocks[0]
+    kwargs = {"img_size": tokenizer.image_size, "patch_size": tokenizer.patch_size, "in_chans": tokenizer.channels,
+              "embed_dim": encoder.dim, "depth": len(encoder.blocks), "num_heads": block.attn.num_heads,
+              "mlp_ratio": block.mlp.fc1.out_features / encoder.dim, "class_token": has_cls,
+              "global_pool": "token" if backbone.pool_mode == "cls" else "avg", "fc_norm": False, "num_classes": 0}
+    return state, kwargs

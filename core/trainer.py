@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .backbone import Backbone
 from .build import build_backbone
+from .init_weights import init_backbone
 from .checkpoint import CheckpointError, checkpoint_part, load_checkpoint, load_model_state, rng_state, save_atomic, shard_folder
 from .config import save_config
 from .data import mix_seed
@@ -156,6 +157,10 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
         self.backbone: Backbone = build_backbone(cfg, components).to(self.device)
+        self.init_report = None
+        if cfg.model.init and not (resume and self.folder.last.is_file()):  # a resumed run has its checkpoint
+            self.init_report = init_backbone(self.backbone, str(cfg.model.init))
+            log.info("%s", self.init_report.summary())
         self.setup = StageSetup(cfg, components, self.folder, self.device, self.autocast, self.amp_dtype, self.rank, self.world)
         self._writer = None
 
@@ -180,6 +185,8 @@ class Trainer:
             self.folder.keep_metrics_until(names, None, 0)
             self.folder.drop_shards_except(None)
             save_config(self.cfg, self.folder.config)
+            if self.init_report is not None:
+                self.init_report.write(self.folder.root / "init.json")
         started = state is None
         with _Signals() as self.signals:  # one handler for the whole run: stage boundaries included
             for index, (name, stage) in enumerate(stages):
