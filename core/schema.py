@@ -181,6 +181,7 @@ class RunConfig:
 
 
 SENSOR_ENCODERS = ("shared", "separate")
+OPTIMIZERS = ("adamw", "lars", "lamb")
 
 
 @dataclass
@@ -229,6 +230,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = checked("adamw", OneOf(OPTIMIZERS))  # adamw | lars | lamb (layer-wise trust ratios, large batches)
     lr: float = checked(1e-3, AT_LEAST_0)
     weight_decay: float = checked(0.05, AT_LEAST_0)
     betas: List[float] = checked(lambda: [0.9, 0.95], Items(FRACTION, length=2))
@@ -236,6 +238,8 @@ class OptimConfig:
     min_lr: float = checked(0.0, AT_LEAST_0)
     clip_grad: float = checked(1.0, AT_LEAST_0)  # 0 disables clipping
     fused: str = checked("auto", OneOf(("auto", "true", "false"), fold_case=True))  # auto: fused AdamW on CUDA
+    # LARS: the fraction of a tensor's norm an update of lr 1 moves it by (its momentum is betas[0])
+    trust_coefficient: float = checked(0.001, POSITIVE)
     # micro-batches per step: each rank's share of the batch in this many forward/backward passes,
     # then one optimizer step (the activations of one micro-batch at a time)
     accumulate_steps: int = checked(1, AT_LEAST_1)
