@@ -276,7 +276,7 @@ class EvalConfig:
     labels: List[str] = checked(lambda: ["label"], Items(min_length=1))
     pictures: bool = True
     retrieval_samples: int = checked(1000, AT_LEAST_1)  # test samples ranked for zero-shot retrieval (contrastive stages)
-    monitor_every: int = checked(0, AT_LEAST_0)  # online k-NN and collapse monitors every N steps during training; 0 = off
+    monitor_every: int = checked(0, AT_LEAST_0)  # online k-NN, linear-probe and collapse monitors every N steps during training; 0 = off
     # a per-point segmentation probe (scenes): the field of per-point labels (lidar_top/labels), the
     # sensor whose tokens are probed (default the first), class names, points drawn per frame
     point_labels: Optional[str] = None

@@ -186,6 +186,20 @@ def test_online_monitor_logs_knn_and_collapse_signals(tmp_path):
     watched = [r for r in rec if "monitor/knn" in r]
     assert [r["step"] for r in watched] == [3, 6]
     assert all(0 <= r["monitor/knn"] <= 1 and r["monitor/rankme"] > 1 for r in watched)
+    assert all(0.2 < r["monitor/linear"] <= 1 for r in watched)  # digits: chance is 0.1, raw pixels probe far above
+
+
+def test_online_linear_probe_reads_labels_that_are_there():
+    """The monitor's probe separates classes that are linearly separable and is near chance on noise."""
+    from anymodal.core.monitor import monitor_scores
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 4
+    centres = 3 * torch.randn(4, 16, generator=g)
+    for feats, low, high in ((centres[labels] + torch.randn(400, 16, generator=g), 0.9, 1.0),
+                             (torch.randn(400, 16, generator=g), 0.0, 0.4)):
+        scores = monitor_scores(feats, labels, k=10, probe_iters=50)
+        assert low <= scores["monitor/linear"] <= high and low <= scores["monitor/knn"] <= high, scores
 
 
 def test_collapse_signals_separate_collapsed_from_spread_features():
