@@ -8,10 +8,10 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -143,6 +143,17 @@ def _input_ranges(program: Any) -> dict[str, list[list[Any]]]:
     return ranges
 
 
+class _AllOutputs(nn.Module):
+    """An encoder's ``outputs`` (see `PretrainedEncoder`) as ``forward``: the graph exporters trace ``forward``."""
+
+    def __init__(self, encoder: Any) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor, padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        return self.encoder.outputs(x, padding)
+
+
 def export_onnx(encoder: Any, example: tuple[Tensor, ...], folder: Path,
                 others: Sequence[tuple[Tensor, ...]] = ()) -> dict[str, Any]:
     """``encoder.onnx`` (torch's dynamo exporter; inputs ``x`` [and ``padding``], outputs ``tokens``,
@@ -153,8 +164,6 @@ def export_onnx(encoder: Any, example: tuple[Tensor, ...], folder: Path,
     Raises:
         ImportError: onnx, onnxscript or onnxruntime missing (``pip install 'anymodal[export]'``).
     """
-    from .pretrained import _AllOutputs
-
     for module in ("onnx", "onnxscript", "onnxruntime"):
         try:
             __import__(module)
@@ -182,8 +191,6 @@ def export_program(encoder: Any, example: tuple[Tensor, ...], folder: Path,
                    others: Sequence[tuple[Tensor, ...]] = ()) -> dict[str, Any]:
     """``encoder.pt2``: a ``torch.export`` ExportedProgram (dynamic batch), loaded back with
     ``torch.export.load`` and checked against the encoder (``encoder.pt2.check.json``)."""
-    from .pretrained import _AllOutputs
-
     def save(path: Path) -> dict[str, Any]:
         program = torch.export.export(_AllOutputs(encoder).eval(), example, dynamic_shapes=_dynamic_shapes(encoder, example))
         torch.export.save(program, str(path))

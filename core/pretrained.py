@@ -74,17 +74,6 @@ class PretrainedEncoder(nn.Module):
         return tokens.x, token_padding, self.backbone.pool(encoded)
 
 
-class _AllOutputs(nn.Module):
-    """`PretrainedEncoder.outputs` as ``forward``: the graph exporters trace ``forward``."""
-
-    def __init__(self, encoder: PretrainedEncoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x: Tensor, padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        return self.encoder.outputs(x, padding)
-
-
 def backbone_config(cfg: Any) -> DictConfig:
     """A full config from one holding at least ``plugins``, ``model`` and ``modality`` (an export's
     ``config.yaml``), the rest the schema's defaults."""
