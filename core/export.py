@@ -26,6 +26,7 @@ WEIGHTS = "backbone.safetensors"
 CONFIG = "config.yaml"
 ONNX, PROGRAM, TIMM_WEIGHTS, TIMM_ARGS = "encoder.onnx", "encoder.pt2", "timm_vit.safetensors", "timm_vit.json"
 FORMATS = ("safetensors", "onnx", "torch", "timm")
+_REPEATS = 4  # runs of each checked input
 
 
 def export_backbone(backbone: Backbone, cfg: DictConfig, folder: Path) -> Path:
@@ -83,13 +84,19 @@ def _dynamic_shapes(encoder: Any, example: tuple[Tensor, ...]) -> tuple[dict[int
 def _checks(run: Any, encoder: Any, example: tuple[Tensor, ...], others: Sequence[tuple[Tensor, ...]] = ()) -> dict[str, Any]:
     """``run(*inputs) -> (tokens, token_padding, features)`` against the encoder in eager mode, on
     the example, on the example and one sample more (the dynamic batch dimension in use) and on
-    ``others``: the largest absolute errors, over real tokens (a padding token's output means nothing)."""
+    ``others``: the largest absolute errors, over real tokens (a padding token's output means nothing).
+    Each input is run `_REPEATS` times and must give the same bits each time: a runtime kernel that
+    races on duplicate scatter indices (onnxruntime's multi-threaded ScatterND add) differs between runs."""
     worst = {"tokens": 0.0, "features": 0.0}
     sizes = []
     for inputs in (example, tuple(torch.cat([t, t[:1]]) for t in example), *others):
         with torch.no_grad():
             tokens, token_padding, features = encoder.outputs(*inputs)
         got = [torch.as_tensor(t) for t in run(*inputs)]
+        for _ in range(_REPEATS - 1):
+            if not all(torch.equal(a, torch.as_tensor(b)) for a, b in zip(got, run(*inputs))):
+                raise RuntimeError(f"the exported graph gives different outputs on one batch of {int(inputs[0].shape[0])} "
+                                   f"run twice (a nondeterministic kernel in the runtime)")
         for name, a, b in zip(("tokens", "token_padding", "features"), got, (tokens, token_padding, features)):
             if tuple(a.shape) != tuple(b.shape):
                 raise RuntimeError(f"the exported {name} have shape {tuple(a.shape)}, the encoder's {tuple(b.shape)}")

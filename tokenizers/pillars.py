@@ -5,7 +5,7 @@ Points inside a configured range fall into vertical columns (pillars) on a BEV g
 decorated with its offsets from its pillar's mean and centre, passed through a shared linear layer
 and max-pooled per pillar. One token per non-empty pillar, so the token count varies per sweep:
 tokens are padded to the batch's largest count. Everything is index arithmetic plus
-``index_add_`` / ``scatter_reduce``; there is no Python loop over points or pillars.
+``scatter_add_`` / ``scatter_reduce``; there is no Python loop over points or pillars.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def assign_pillars(xyz: Tensor, padding: Optional[Tensor], point_range: Sequence
 
 def _count(index: Tensor, size: int) -> Tensor:
     """``torch.bincount(index, minlength=size)`` for indices below ``size``, in ops ONNX has."""
-    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 def scatter_pool(features: Tensor, pillar: Tensor, num: int, reduce: str = "amax") -> Tensor:
@@ -211,7 +211,7 @@ class PillarTokenizer(nn.Module):
         kept = points.reshape(b * n, -1).index_select(0, a.point)[:, :self.channels].float()  # [P, C]
         xyz = kept[:, :3]
         count = _count(a.pillar, s)
-        mean = xyz.new_zeros(s, 3).index_add_(0, a.pillar, xyz) / count.unsqueeze(-1)
+        mean = xyz.new_zeros(s, 3).scatter_add_(0, a.pillar[:, None].expand_as(xyz), xyz) / count.unsqueeze(-1)
         centre = torch.stack([x_min + (a.col + 0.5) * sx, y_min + (a.row + 0.5) * sy,
                               torch.full_like(mean[:, 0], (z_min + z_max) / 2)], -1).to(xyz.dtype)
         inv_half = xyz.new_tensor([2 / sx, 2 / sy, 2 / (z_max - z_min)])
