@@ -12,6 +12,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   done
 fi
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/anymodal  # the repository root is the package
+# the built-in plugins are entry points: a dist-info beside the link registers them as an install would
+python3 - <<'PY'
+import pathlib, tomllib
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+info = pathlib.Path("/tmp/pp/anymodal-%s.dist-info" % project["version"])
+info.mkdir(exist_ok=True)
+(info / "METADATA").write_text("Metadata-Version: 2.1\nName: anymodal\nVersion: %s\n" % project["version"])
+(info / "entry_points.txt").write_text("".join(
+    "[%s]\n%s\n" % (group, "".join("%s = %s\n" % kv for kv in points.items()))
+    for group, points in project["entry-points"].items()))
+PY
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/nvidia-smi.txt"

