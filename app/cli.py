@@ -1,4 +1,4 @@
-"""The ``anymodal`` command line: train, submit, eval, demo, config, plugins, plugin new, doctor, export."""
+"""The ``anymodal`` command line: train, submit, eval, finetune, demo, config, plugins, plugin new, doctor, export."""
 
 from __future__ import annotations
 
@@ -68,6 +68,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"anymodal eval: {stop}; run it again with: {again}", file=sys.stderr)
         raise
     print(summary["table"])
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ..core.finetune import FinetuneStopped
+    from .finetune import finetune
+
+    try:
+        folder, results = finetune(args.run_dir, args.overrides, args.out, args.resume)
+    except FinetuneStopped as stop:
+        again = ["anymodal", "finetune", args.run_dir, *args.overrides, *(["--out", args.out] if args.out else []), "--resume"]
+        print(f"anymodal finetune: stopped by signal {stop.signum} after step {stop.step}, checkpointed; "
+              f"resume with: {shlex.join(again)}", file=sys.stderr)
+        raise
+    except FloatingPointError as e:
+        print(f"anymodal finetune: stopped: {e}", file=sys.stderr)
+        return 3
+    test = ", ".join(f"{k} {100 * v:.1f}%" for k, v in results["test"].items())
+    print(f"fine-tuned {results['steps']} steps ({'stopped early; ' if results['stopped_early'] else ''}best validation "
+          f"{100 * results['val']:.1f}% at step {results['best_step']}); test {test}: {folder}")
     return 0
 
 
@@ -276,6 +296,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", help="run folder, or its URL (s3://...)")
     s.add_argument("--no-pictures", action="store_true")
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("finetune", help="fine-tune a run's backbone with a task head (layer-wise lr decay, early stopping)")
+    s.add_argument("run_dir", help="run folder")
+    s.add_argument("overrides", nargs="*", help="finetune.KEY=VALUE (and run.device, run.seed, eval.labels, ...)")
+    s.add_argument("--out", help="output folder (default: RUN/finetune, or RUN/finetune-scratch with finetune.init=scratch)")
+    s.add_argument("--resume", action="store_true", help="continue the output folder's fine-tuning checkpoint")
+    s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("demo", help="pre-train the embedded default, then print the probe table")
     with_config(s, default="default")

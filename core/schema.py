@@ -32,7 +32,7 @@ from .posenc import POSENCS
 from .registry import closest
 
 __all__ = ["Config", "RunConfig", "ModelConfig", "ModalityConfig", "DataConfig", "OptimConfig",
-           "StageConfig", "RecipeConfig", "EvalConfig", "LauncherConfig", "Rule", "Range", "OneOf", "Items", "Satisfies",
+           "StageConfig", "RecipeConfig", "EvalConfig", "LauncherConfig", "FinetuneConfig", "Rule", "Range", "OneOf", "Items", "Satisfies",
            "checked", "field_rules", "model_shape", "optional_of", "key_errors", "rule_errors", "model_errors",
            "REPLACE", "PRECISIONS", "POSENCS", "POOLS"]
 
@@ -287,6 +287,30 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`anymodal finetune`: the pre-trained encoder and a task head trained end to end on data.train
+    (less a held-out validation part), scored on data.test with the best validation weights."""
+
+    head: str = checked("cls", OneOf(("cls", "dense")))  # cls: eval.labels[0] per sample; dense: eval.point_labels per point
+    init: str = checked("pretrained", OneOf(("pretrained", "scratch")))  # scratch: the same run from random weights
+    classes: int = checked(0, AT_LEAST_0)  # 0: one more than the largest label in the data
+    steps: int = checked(300, AT_LEAST_1)
+    batch_size: int = checked(64, AT_LEAST_1)
+    lr: float = checked(1e-3, POSITIVE)  # the head's; block i of L gets lr * layer_decay ** (L - i)
+    min_lr: float = checked(1e-6, AT_LEAST_0)
+    warmup_steps: int = checked(20, AT_LEAST_0)  # linear warm-up, then cosine to min_lr
+    weight_decay: float = checked(0.05, AT_LEAST_0)
+    layer_decay: float = checked(0.75, Range(0, 1, low_open=True))  # 1: one learning rate for all layers
+    drop_path: float = checked(0.1, FRACTION)  # stochastic depth at the last block
+    label_smoothing: float = checked(0.1, FRACTION)
+    clip_grad: float = checked(1.0, AT_LEAST_0)  # 0 disables clipping
+    val_fraction: float = checked(0.1, Range(0, 1, low_open=True, high_open=True))
+    eval_every: int = checked(50, AT_LEAST_1)  # validation every N steps (and at the last)
+    patience: int = checked(0, AT_LEAST_0)  # stop after N validations without a better score; 0: never early
+    checkpoint_every: int = checked(100, AT_LEAST_1)
+
+
+@dataclass
 class LauncherConfig:
     """Where `anymodal submit` sends a run (`anymodal train` always runs here; torchrun for several processes)."""
 
@@ -317,6 +341,7 @@ class Config:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def model_shape(model: Any) -> tuple[int, int, int]:
