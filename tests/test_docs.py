@@ -134,7 +134,7 @@ def test_section_runs(key: tuple[str, str], tmp_path: Path) -> None:
 # transcript (`$ command` then its output) is what the command prints today.
 
 FENCE = re.compile(r"(?P<marker><!-- docs-test:[^\n]*-->\n)?```\w*\n(?P<body>.*?)```", re.S)
-NEEDS_RUN_FOLDER = ("eval", "export")
+NEEDS_RUN_FOLDER = ("eval", "export", "finetune")
 
 
 def shown_commands() -> list[tuple[str, list[str], list[str]]]:
