@@ -18,8 +18,8 @@ from .errors import UserError
 __all__ = ["HARMLESS", "config_changes", "harmful", "ResumeChangeError"]
 
 # keys (and key prefixes, ending in ".") whose change leaves a resumed run's weights as they would have been
-HARMLESS = ("run.name", "run.out_dir", "run.progress", "run.tensorboard", "run.log_every", "run.checkpoint_every",
-            "run.threads", "data.num_workers", "eval.", "launcher.")
+HARMLESS = ("run.name", "run.out_dir", "run.progress", "run.tensorboard", "run.wandb", "run.mlflow", "run.log_every",
+            "run.checkpoint_every", "run.threads", "data.num_workers", "eval.", "launcher.")
 
 
 class ResumeChangeError(UserError):

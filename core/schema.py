@@ -172,6 +172,8 @@ class RunConfig:
     threads: int = checked(0, AT_LEAST_0)  # CPU threads for torch; 0 keeps torch's default
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
+    wandb: bool = False  # Weights & Biases (offline unless WANDB_API_KEY or WANDB_MODE say otherwise): core/loggers.py
+    mlflow: bool = False  # MLflow (MLFLOW_TRACKING_URI, else an SQLite store, the run's logs/mlflow.db)
     # none | blocks (each transformer block) | objectives (each objective's whole forward)
     compile: str = checked("none", OneOf(COMPILE_MODES))
     cuda_graphs: bool = False  # compiled parts replay as CUDA graphs (torch.compile mode reduce-overhead); needs run.compile

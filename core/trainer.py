@@ -5,7 +5,7 @@ model parts, optimizer, loader and resume point) and `Trainer._loop` consumes it
 batch. Per step: tokenize -> mask -> objectives (summed with weights) -> backward (once per micro-batch
 with ``optim.accumulate_steps``) -> clip -> AdamW.
 bf16/fp16 autocast where the device supports it, a NaN/Inf guard, metrics to JSONL (and
-TensorBoard when installed), atomic checkpoints, and exact resume: the data order and
+TensorBoard, W&B, MLflow: `core.loggers`), atomic checkpoints, and exact resume: the data order and
 augmentations are functions of the step (`core.data`), masks draw from a generator seeded by the
 step, and the global RNG state is saved with the weights.
 
@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .backbone import Backbone
 from .build import build_backbone
 from .init_weights import init_backbone
+from .loggers import MetricLoggers
 from .checkpoint import CheckpointError, checkpoint_part, load_checkpoint, load_model_state, rng_state, save_atomic, shard_folder
 from .config import save_config
 from .data import mix_seed
@@ -162,7 +163,7 @@ class Trainer:
             self.init_report = init_backbone(self.backbone, str(cfg.model.init))
             log.info("%s", self.init_report.summary())
         self.setup = StageSetup(cfg, components, self.folder, self.device, self.autocast, self.amp_dtype, self.rank, self.world)
-        self._writer = None
+        self.loggers = MetricLoggers(cfg, self.folder.logs) if self.main else None  # a missing extra fails here
 
     # ---- the recipe -------------------------------------------------------------------------
     def run(self) -> None:
@@ -188,7 +189,9 @@ class Trainer:
             if self.init_report is not None:
                 self.init_report.write(self.folder.root / "init.json")
         started = state is None
-        with _Signals() as self.signals:  # one handler for the whole run: stage boundaries included
+        with _Signals() as self.signals, contextlib.ExitStack() as stack:  # one handler for the whole run
+            if self.loggers is not None:
+                stack.callback(self.loggers.close)
             for index, (name, stage) in enumerate(stages):
                 if not started:
                     if name != state["stage"]:
@@ -351,7 +354,7 @@ class Trainer:
         bar.set_description(f"{run.name} knn={watched['monitor/knn']:.2f} rank={watched['monitor/rankme']:.1f}")
 
     def _log_step(self, run: StageRun, lr: float, metrics: dict[str, Any], rate: _Throughput, bar: tqdm) -> None:
-        """One metrics.jsonl record (and TensorBoard scalars), the progress bar's figures."""
+        """One metrics.jsonl record (and the `core.loggers` scalars), the progress bar's figures."""
         samples_per_s = rate(run.step)
         values = _floats(metrics)
         extra = {"data/skipped": run.skipped} if run.skipped else {}
@@ -418,21 +421,8 @@ class Trainer:
         self.folder.metrics.parent.mkdir(parents=True, exist_ok=True)
         with open(self.folder.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
-        writer = self._tensorboard()
-        if writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    writer.add_scalar(f"{record['stage']}/{k}", v, record["step"])
-
-    def _tensorboard(self) -> Any:
-        if self._writer is None and self.cfg.run.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is an optional extra
-                self._writer = False
-            else:
-                self._writer = SummaryWriter(str(self.folder.logs / "tensorboard"))
-        return self._writer or None
+        if self.loggers is not None:
+            self.loggers.log(record)
 
     # ---- export -----------------------------------------------------------------------------
     def export(self) -> Path:
