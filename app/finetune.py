@@ -19,6 +19,7 @@ from ..core.device import resolve_device
 from ..core.errors import UserError
 from ..core.export import WEIGHTS, load_exported
 from ..core.finetune import Finetuned, FinetuneRun, label_classes, split_validation
+from ..core.loggers import MetricLoggers
 from ..core.pretrained import load_checkpoint_backbone
 from ..core.runfolder import RunFolder
 from ..core.schema import FinetuneConfig, key_errors, rule_errors
@@ -29,7 +30,8 @@ __all__ = ["finetune", "finetune_config"]
 log = logging.getLogger("anymodal.finetune")
 
 # what a fine-tuning run may change of its source run's config
-_CHANGEABLE = ("finetune.", "run.device", "run.precision", "run.seed", "data.num_workers", "eval.labels",
+_CHANGEABLE = ("finetune.", "run.device", "run.precision", "run.seed", "run.tensorboard", "run.wandb", "run.mlflow",
+               "data.num_workers", "eval.labels",
                "eval.point_labels", "eval.point_sensor", "eval.point_classes")
 
 
@@ -134,7 +136,7 @@ def _run(cfg: DictConfig, source: RunFolder, folder: Path, resume: bool) -> dict
              ft.head, classes, ft.init, len(train), len(val), len(test), folder)
     model = Finetuned(backbone, ft.head, classes, labels, sensor).to(device)
     run = FinetuneRun(model, train, val, test, ft, cfg.run.seed, folder, device, str(cfg.run.precision),
-                      int(cfg.data.num_workers))
+                      int(cfg.data.num_workers), MetricLoggers(cfg, folder / "logs"))
     if resume:
         run.resume()
     return run.run()

@@ -39,6 +39,7 @@ from .data import AugmentedDataset, collate, make_loader, mix_seed
 from .dense_probe import confusion, iou_from_confusion
 from .device import autocast_for
 from .errors import UserError
+from .loggers import MetricLoggers
 from .runfolder import write_atomic
 from .schedule import decay_exempt, lr_at
 
@@ -149,7 +150,7 @@ def _signals(flag: list[int]) -> Iterator[None]:
 
 class FinetuneRun:
     """One fine-tuning run in ``folder`` (``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``,
-    ``best.safetensors``, ``results.json``).
+    ``best.safetensors``, ``results.json``); ``loggers``: TensorBoard, W&B, MLflow as the run config says.
 
     Args:
         model: the backbone (pre-trained or not) with its head, on ``device``.
@@ -159,9 +160,10 @@ class FinetuneRun:
     """
 
     def __init__(self, model: Finetuned, train: AugmentedDataset, val: Dataset, test: Dataset, ft: Any, seed: int,
-                 folder: Path, device: torch.device, precision: str = "auto", num_workers: int = 0) -> None:
+                 folder: Path, device: torch.device, precision: str = "auto", num_workers: int = 0,
+                 loggers: Optional[MetricLoggers] = None) -> None:
         self.model, self.train, self.val, self.test, self.ft, self.seed = model, train, val, test, ft, seed
-        self.folder, self.device, self.num_workers = Path(folder), device, num_workers
+        self.folder, self.device, self.num_workers, self.loggers = Path(folder), device, num_workers, loggers
         self.autocast, dtype = autocast_for(device, precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         fused = device.type == "cuda"
@@ -187,7 +189,7 @@ class FinetuneRun:
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{self.checkpoint} is not a checkpoint of this fine-tuning run: "
                                   f"{str(e).splitlines()[0]}") from None
-        self.scaler.load_state_dict(state.get("scaler", {}) or self.scaler.state_dict())
+        self.scaler.load_state_dict(state["scaler"])  # a disabled scaler ignores it
         self.step, self.best, self.best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
         self.since_best, self.history, self.best_state = int(state["since_best"]), list(state["history"]), state["best_state"]
         set_rng_state(state["rng"])
@@ -202,6 +204,8 @@ class FinetuneRun:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.loggers is not None:
+            self.loggers.log(record)
 
     def run(self) -> dict[str, Any]:
         """Train to ``finetune.steps`` (or the early stop), then score the best weights on the test split.
@@ -217,11 +221,14 @@ class FinetuneRun:
                              pin_memory=self.device.type == "cuda")
         stop: list[int] = []
         batches = iter(loader)
-        with _signals(stop):
+        with _signals(stop), contextlib.ExitStack() as stack:
+            if self.loggers is not None:
+                stack.callback(self.loggers.close)
             while self.step < ft.steps and not self._early_stop():
                 loss = self._train_step(next(batches))
                 self.step += 1
-                record: dict[str, Any] = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[-1]["lr"]}
+                record: dict[str, Any] = {"stage": "finetune", "step": self.step, "loss": loss,
+                                          "lr": self.optimizer.param_groups[-1]["lr"]}
                 if self.step % ft.eval_every == 0 or self.step == ft.steps:
                     record.update(self._validate())
                 self._log(record)

@@ -77,6 +77,14 @@ def test_wandb_and_mlflow_log_the_same_scalars_and_config(tmp_path):
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in lines]
     params = client.get_run(run_id).data.params
     assert params["recipe.stages.pretrain.steps"] == "8" and params["model.size"] == str(config["model"]["size"])
+    # fine-tuning the run logs where the run's config says, into its own folder
+    anymodal("finetune", run, "finetune.steps=4", "finetune.eval_every=2", "finetune.batch_size=16", "run.wandb=false",
+             env_extra=OFFLINE)
+    tuned = run / "finetune"
+    client, run_id = mlflow_run(tuned)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "finetune/loss")] == \
+        [(r["step"], pytest.approx(r["loss"])) for r in jsonl(tuned)]
+    assert [m.step for m in client.get_metric_history(run_id, "finetune/val/accuracy")] == [2, 4]
 
 
 def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(tmp_path):
