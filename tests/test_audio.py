@@ -123,3 +123,20 @@ def test_ragged_batch_equals_each_clip_alone(kind):
     real = (~tokens.padding).sum(1).tolist()
     per_clip = [student.tokenize({"audio": c[None]}).x.shape[1] for c in clips]
     assert real == per_clip and real[0] > real[2] > real[1]
+
+
+def test_log_mel_pictures_render_targets_back_and_grey_out_dropped_patches():
+    tok = SpectrogramPatchTokenizer(32, (16, 16), n_mels=64, max_seconds=1.0)
+    t = torch.arange(16000) / 16000
+    low, high = torch.sin(2 * math.pi * 200 * t), torch.sin(2 * math.pi * 6000 * t)
+    wave = torch.stack([low, high])
+    image = tok.preview(wave)
+    assert image.shape == (2, 1, 64, 96)
+    # low bins at the bottom: the 200 Hz tone is bright in the lower rows, the 6 kHz one in the upper
+    assert image[0, 0, 32:].mean() > image[0, 0, :32].mean() and image[1, 0, :32].mean() > image[1, 0, 32:].mean()
+    targets = tok(wave).targets
+    keep = torch.ones(targets.shape[:2], dtype=torch.bool)
+    assert torch.allclose(tok.render(wave, targets, keep), image, atol=1e-5)  # normalized targets, de-normalized
+    keep[:, 0] = False  # the first (time 0, lowest mels) patch: the bottom-left corner
+    dropped = tok.render(wave, targets, keep)
+    assert (dropped[:, 0, -16:, :16] == 0.5).all() and torch.allclose(dropped[:, 0, :-16], image[:, 0, :-16], atol=1e-5)

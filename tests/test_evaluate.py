@@ -64,3 +64,14 @@ def test_eval_command_writes_table_and_pictures(tmp_path):
 def test_eval_of_a_folder_that_is_not_a_run(tmp_path):
     proc = anymodal("eval", tmp_path, check=False)
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
+
+
+def test_audio_eval_draws_log_mel_reconstructions(tmp_path):
+    from anymodal.plugins.audio.data import SMALL_SPOKEN_DIGITS
+
+    run = tmp_path / "run"
+    anymodal("train", "tiny-test", "modality=audio", f"data.train.root={SMALL_SPOKEN_DIGITS}",
+             f"data.test.root={SMALL_SPOKEN_DIGITS}", "--run-dir", run, "recipe.stages.pretrain.steps=4")
+    anymodal("eval", run)
+    with Image.open(run / "eval" / "reconstruction_pretrain_masked_pixel.png") as im:
+        assert im.size[0] > 500 and im.size[1] > 200

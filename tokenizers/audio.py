@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
-from .common import any_true, grid_positions, normalize_per_token
+from .common import any_true, grid_positions, normalize_per_token, targets_for_viewing
 
 __all__ = ["LogMelFrontend", "mel_filterbank", "SpectrogramPatchTokenizer", "SpectrogramFrameTokenizer"]
 
@@ -190,6 +190,26 @@ class SpectrogramPatchTokenizer(_SpectrogramTokenizer):
         b, f, m = spec.shape
         x = spec.reshape(b, f // self.patch_t, self.patch_t, m // self.patch_f, self.patch_f)
         return x.permute(0, 1, 3, 2, 4).reshape(b, -1, self.patch_t * self.patch_f)
+
+    def preview(self, wave: Tensor) -> Tensor:
+        """The log-mel spectrograms as ``[B, 1, mels, frames]`` images in [0, 1], low bins at the bottom."""
+        return self._image(self.patches(self.spectrogram(wave, None)[0]), wave)
+
+    def render(self, wave: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
+        """Per-token targets (``[B, N, pt*pf]``, e.g. a reconstruction) as `preview` images; the
+        patches where ``keep [B, N]`` is False are drawn grey."""
+        true = self.patches(self.spectrogram(wave, None)[0])
+        shown = targets_for_viewing(targets, true, torch.ones_like(keep), self.norm_targets)
+        return self._image(shown, wave, keep)
+
+    def _image(self, patches: Tensor, wave: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+        b, n, _ = patches.shape
+        view = (patches.float() + 1) / 2  # the normalized log-mel is mostly within [-1, 1]
+        if keep is not None:
+            view = torch.where(keep.unsqueeze(-1), view, torch.full_like(view, 0.5))
+        t, m = n // (self.grid_size[1]), self.grid_size[1]
+        spec = view.reshape(b, t, m, self.patch_t, self.patch_f).permute(0, 1, 3, 2, 4).reshape(b, t * self.patch_t, -1)
+        return spec.transpose(1, 2).flip(1).unsqueeze(1)  # [B, 1, mels, frames]
 
     def forward(self, wave: Tensor, padding: Optional[Tensor] = None) -> Tokens:
         self._check(wave)
