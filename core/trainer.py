@@ -150,9 +150,6 @@ class Trainer:
         if self.world > 1 and device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank())
         self.device = device
-        if self._sharded and cfg.eval.monitor_every:
-            raise ValueError("eval.monitor_every needs whole weights on rank 0: set it to 0 with run.parallel=fsdp "
-                             "(or use run.parallel=ddp)")
         self.autocast, self.amp_dtype = autocast_for(self.device, cfg.run.precision)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -164,6 +161,7 @@ class Trainer:
             log.info("%s", self.init_report.summary())
         self.setup = StageSetup(cfg, components, self.folder, self.device, self.autocast, self.amp_dtype, self.rank, self.world)
         self.loggers = MetricLoggers(cfg, self.folder.logs) if self.main else None  # a missing extra fails here
+        self._monitored: Optional[Backbone] = None  # under FSDP: the whole backbone the monitor probes, on rank 0
 
     # ---- the recipe -------------------------------------------------------------------------
     def run(self) -> None:
@@ -347,9 +345,21 @@ class Trainer:
 
     def _watch(self, run: StageRun, metrics: dict[str, Any], bar: tqdm) -> None:
         """Every ``eval.monitor_every`` steps, the online monitor's ``monitor/*`` metrics join the step's."""
-        if run.monitor is None or run.step % self.cfg.eval.monitor_every:
+        every = self.cfg.eval.monitor_every
+        if not every or run.step % every:
             return
-        watched = run.monitor(self.backbone)
+        backbone = self.backbone
+        if self._sharded:  # every rank takes part in gathering the shards; rank 0 probes a whole copy
+            whole = self._gather_weights(run.model)["backbone"]
+            if run.monitor is None:
+                return
+            if self._monitored is None:
+                self._monitored = build_backbone(self.cfg, self.components).to(self.device)
+            self._monitored.load_state_dict(whole)
+            backbone = self._monitored
+        if run.monitor is None:
+            return
+        watched = run.monitor(backbone)
         metrics.update(watched)
         bar.set_description(f"{run.name} knn={watched['monitor/knn']:.2f} rank={watched['monitor/rankme']:.1f}")
 

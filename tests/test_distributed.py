@@ -1,5 +1,6 @@
 """torch.distributed for real: torchrun with two gloo processes on CPU, against one process."""
 
+import json
 import os
 import shutil
 import signal
@@ -78,6 +79,22 @@ def test_two_ranks_match_one_process(one_process_clip, tmp_path, parallel):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     final = "checkpoints/contrastive-final.pt"  # whole weights under either parallelism
     assert max_weight_difference(tmp_path / "one" / final, tmp_path / "two" / final) < 1e-3
+
+
+def test_online_monitors_under_fsdp_match_one_process(tmp_path):
+    """Rank 0 probes the gathered whole backbone: the same k-NN and linear-probe scores as one process."""
+    args = [*CLIP, "eval.monitor_every=6", "eval.monitor_samples=64"]
+    anymodal("train", *args, "--run-dir", tmp_path / "one")
+    torchrun("train", *args, "run.parallel=fsdp", "--run-dir", tmp_path / "two")
+
+    def watched(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["monitor/knn"], r["monitor/linear"], r["monitor/rankme"]) for r in rows if "monitor/knn" in r}
+
+    one, two = watched(tmp_path / "one"), watched(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [6, 12]
+    for step in one:
+        assert one[step][:2] == pytest.approx(two[step][:2], abs=0.05) and one[step][2] == pytest.approx(two[step][2], rel=1e-2)
 
 
 def rank_pid(parent: int, rank: int) -> int:
