@@ -241,7 +241,7 @@ def _evaluate(folder: RunFolder, components: Any, pictures: Optional[bool], writ
     table = format_table(results, ev.knn_k, list(ev.labels))
     summary = {"run": str(folder.root), "train_samples": len(train), "test_samples": len(test), "results": results,
                "retrieval": _retrievals(folder, cfg, components, trained, subset(test, ev.retrieval_samples, cfg.run.seed),
-                                        device, progress)}
+                                        device, progress, written if (ev.pictures if pictures is None else pictures) else None)}
     if ev.point_labels:
         summary["segmentation"] = {name: _segmentation(model, train, test, cfg, device, name)
                                    for name, model in ((label, trained), ("random init", random_init))}
@@ -284,8 +284,9 @@ def _class_names(ev: Any, results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _retrievals(folder: RunFolder, cfg: Any, components: Any, trained: Backbone, few: Dataset, device: torch.device,
-                progress: bool) -> dict[str, dict[str, float]]:
-    """Retrieval of every finished stage's objective that embeds a partner (captions)."""
+                progress: bool, pictures: Optional[list[Path]] = None) -> dict[str, dict[str, float]]:
+    """Retrieval of every finished stage's objective that embeds a partner (captions); with
+    ``pictures``, each one's query and top-5 grid too (appended to it)."""
     out = {}
     for name, stage in cfg.recipe.stages.items():
         objectives = None
@@ -297,4 +298,9 @@ def _retrievals(folder: RunFolder, cfg: Any, components: Any, trained: Backbone,
                 log.info("retrieval of %s/%s, %d samples and their partners", name, label, len(few))
                 out[f"{name}/{label}"] = retrieval(objectives[label], trained, few, cfg.eval.batch_size, device,
                                                    f"retrieval {name}/{label}" if progress else None)
+                if pictures is not None:
+                    from .pictures import plot_retrieval
+
+                    grid = plot_retrieval(folder.eval / f"retrieval_{name}_{label}.png", objectives[label], trained, few, device)
+                    pictures.extend([grid] if grid is not None else [])
     return out

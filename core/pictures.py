@@ -19,7 +19,7 @@ from .data import collate  # noqa: E402
 from .objective import Batch  # noqa: E402
 from .runfolder import RunFolder, write_atomic  # noqa: E402
 
-__all__ = ["plot_loss_curve", "plot_reconstructions"]
+__all__ = ["plot_loss_curve", "plot_reconstructions", "plot_retrieval"]
 
 
 def plot_loss_curve(folder: RunFolder) -> Optional[Path]:
@@ -73,19 +73,84 @@ def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone:
     return paths
 
 
+def _viewable(tokenizer: Any, x: Any) -> Optional[torch.Tensor]:
+    """``x`` as ``[B, C, H, W]`` pictures: the tokenizer's ``preview``, else ``x`` itself when it is one."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    if hasattr(tokenizer, "preview"):
+        return tokenizer.preview(x)
+    return x if x.dim() == 4 and x.shape[1] in (1, 3) else None
+
+
+@torch.no_grad()
+def plot_retrieval(path: Path, objective: Any, backbone: Backbone, test: Dataset, device: torch.device,
+                   queries: int = 6, pool: int = 64) -> Optional[Path]:
+    """Queries (the first test samples) and their top-5 partners among ``pool`` test samples' partners
+    (captions as text, sensor data as pictures), hits framed green: the contrastive objective's
+    ``embed_sample`` against its ``embed_partner``. None when the samples cannot be drawn."""
+    backbone.eval()
+    raw = collate([test[i] for i in range(min(pool, len(test)))])
+    raw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
+    samples = _viewable(backbone.tokenizer, raw.get(backbone.sensor))
+    if samples is None:
+        return None
+    partners = raw[objective.partner_key]
+    partner_images = None
+    if isinstance(partners, torch.Tensor):
+        key = objective.partner_key
+        tokenizer = backbone.tokenizer_of(key) if key in backbone.sensors else backbone.tokenizer
+        partner_images = _viewable(tokenizer, partners)
+        if partner_images is None:
+            return None
+    sim = objective.embed_sample(raw, backbone).float() @ objective.embed_partner(raw, backbone).float().T
+    candidates = list(range(sim.shape[1]))
+    if partner_images is None:  # captions repeat: rank each distinct one once
+        first: dict[str, int] = {}
+        for j, caption in enumerate(partners):
+            first.setdefault(caption, j)
+        candidates = list(first.values())
+        sim = sim[:, candidates]
+    n = min(queries, sim.shape[0])
+    top = sim[:n].topk(min(5, sim.shape[1]), dim=1).indices.cpu()
+    fig, axes = plt.subplots(n, 1 + top.shape[1], figsize=(1.5 * (1 + top.shape[1]), 1.4 * n), squeeze=False)
+    for q in range(n):
+        _show(axes[q][0], samples[q])
+        axes[q][0].set_ylabel(f"query {q}", fontsize=7)
+        for c, j in enumerate((candidates[i] for i in top[q].tolist()), start=1):
+            ax = axes[q][c]
+            # a hit: the query's own partner, or (captions repeat) one equal to it
+            hit = j == q or (partner_images is None and partners[j] == partners[q])
+            if partner_images is None:
+                ax.text(0.5, 0.5, str(partners[j])[:60], ha="center", va="center", wrap=True, fontsize=6)
+            else:
+                _show(ax, partner_images[j])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set(color="tab:green" if hit else "tab:red", linewidth=2)
+    axes[0][0].set_title("query", fontsize=8)
+    for c in range(1, 1 + top.shape[1]):
+        axes[0][c].set_title(f"top {c}", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _show(ax: Any, img: torch.Tensor) -> None:
+    img = img.detach().float().cpu().clamp(0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img[:3].permute(1, 2, 0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def _grid(rows: list[torch.Tensor], titles: list[str], path: Path) -> Path:
     n = rows[0].shape[0]
     fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
     for r, (images, title) in enumerate(zip(rows, titles)):
         for c in range(n):
-            img = images[c].detach().float().cpu().clamp(0, 1)
-            ax = axes[r][c]
-            if img.shape[0] == 1:
-                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(img[:3].permute(1, 2, 0))
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _show(axes[r][c], images[c])
         axes[r][0].set_ylabel(title, fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

@@ -75,3 +75,13 @@ def test_audio_eval_draws_log_mel_reconstructions(tmp_path):
     anymodal("eval", run)
     with Image.open(run / "eval" / "reconstruction_pretrain_masked_pixel.png") as im:
         assert im.size[0] > 500 and im.size[1] > 200
+
+
+def test_contrastive_eval_draws_a_retrieval_grid_unless_told_not_to(tmp_path):
+    run = tmp_path / "run"
+    anymodal("train", "tiny-test", "recipe=clip", "recipe.stages.contrastive.steps=6", "--run-dir", run)
+    anymodal("eval", run, "--no-pictures")
+    assert not (run / "eval" / "retrieval_contrastive_contrastive.png").exists()
+    anymodal("eval", run)
+    with Image.open(run / "eval" / "retrieval_contrastive_contrastive.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 600  # 6 queries x (query + top 5)
