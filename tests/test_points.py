@@ -304,3 +304,30 @@ def test_point_patch_masked_reconstruction_end_to_end():
     out = objective(Batch(batch, tokens, RandomMasker(0.5)(tokens, g), g), student)
     out.loss.backward()
     assert torch.isfinite(out.loss) and tok.first[0].weight.grad is not None
+
+
+def test_bird_eye_pictures_place_groups_at_their_centres():
+    tok = PointPatchTokenizer(32, groups=16, group_size=32)
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(2, 512, 3, generator=g)
+    points[1, :, 0] *= 0.25  # a cloud narrow in x: its picture still spans the frame
+    image = tok.preview(points)
+    assert image.shape == (2, 1, 64, 64) and image[1].sum() > 200
+    assert image[:, 0, :, 0].any() and image[:, 0, :, -1].any() and image[:, 0, 0].any() and image[:, 0, -1].any()
+    targets = tok(points).targets
+    keep = torch.ones(targets.shape[:2], dtype=torch.bool)
+    whole = tok.render(points, targets, keep)
+    assert whole.sum() > 0.5 * image.sum() and (whole <= image).all()  # the true groups: input points only
+    keep[:, ::2] = False
+    half = tok.render(points, targets, keep)
+    assert 0 < half.sum() < whole.sum() and (half <= whole).all()
+    assert tok.render(points, targets, torch.zeros_like(keep)).sum() == 0
+    # y up: a point at the top of the extent is drawn in the top row
+    top = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]])
+    assert _bird(top)[0, 0, 0, -1] == 1 and _bird(top)[0, 0, -1, 0] == 1
+
+
+def _bird(xyz):
+    from anymodal.tokenizers.points import _bird_eye
+
+    return _bird_eye(xyz, xyz, 8)

@@ -86,8 +86,38 @@ class PointPatchTokenizer(nn.Module):
             token_padding = repeated if any_true(repeated) else None
         return Tokens(x=x, pos=centres, padding=token_padding, targets=rel.flatten(2), modality="points")
 
+    def preview(self, points: Tensor, size: int = 64) -> Tensor:
+        """A bird's-eye view of each cloud: ``[B, 1, size, size]``, 1 where a point falls, x to the
+        right and y up, over the cloud's own x-y extent."""
+        xyz = points[..., :3].float()
+        return _bird_eye(xyz, xyz, size)
+
+    def render(self, points: Tensor, targets: Tensor, keep: Tensor, size: int = 64) -> Tensor:
+        """The groups of ``targets [B, G, K*3]`` (offsets from their centres, e.g. a reconstruction)
+        placed at the cloud's centres, those where ``keep [B, G]`` is True, as `preview` images."""
+        xyz = points[..., :3].float()
+        centres = gather_points(xyz, farthest_point_sample(xyz, self.groups, kernel=self.fps_kernel))  # as forward
+        groups = centres.unsqueeze(-2) + targets.float().reshape(*targets.shape[:2], self.group_size, 3)
+        far = torch.full_like(groups, float("nan"))  # groups not kept: drawn nowhere
+        shown = torch.where(keep[..., None, None], groups, far).flatten(1, 2)
+        return _bird_eye(shown, xyz, size)
+
     def reconstruction_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Chamfer distance between predicted and true groups, both ``[B, M, K*3]``."""
         k = self.group_size
         return chamfer_distance(pred.reshape(*pred.shape[:-1], k, 3), target.reshape(*target.shape[:-1], k, 3),
                                 kind=CHAMFER_LOSSES[self.loss])
+
+
+def _bird_eye(xyz: Tensor, frame: Tensor, size: int) -> Tensor:
+    """Rasterize ``xyz [B, P, 3]`` (NaN rows skipped) onto ``size x size`` pixels spanning the x-y
+    extent of ``frame [B, N, 3]``: ``[B, 1, size, size]`` of 0 and 1."""
+    b = xyz.shape[0]
+    lo, hi = frame[..., :2].amin(1, keepdim=True), frame[..., :2].amax(1, keepdim=True)
+    cell = ((xyz[..., :2] - lo) / (hi - lo).clamp_min(1e-6) * (size - 1)).round()
+    ok = ~cell.isnan().any(-1) & (cell >= 0).all(-1) & (cell <= size - 1).all(-1)
+    cell = cell.nan_to_num(0).long()
+    flat = torch.arange(b, device=xyz.device)[:, None] * size * size + (size - 1 - cell[..., 1]) * size + cell[..., 0]
+    image = torch.zeros(b * size * size, device=xyz.device)
+    image[flat[ok]] = 1.0
+    return image.view(b, 1, size, size)
