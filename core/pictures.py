@@ -3,6 +3,7 @@ reconstruction grids. Written into the run folder's ``eval/``."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,8 +68,11 @@ def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone:
             visible_only = shown.scatter(1, mask.visible, True)
             both = visible_only.scatter(1, mask.target, True)
             images = raw[tokenizer.input_key]
-            shown_input = tokenizer.preview(images) if hasattr(tokenizer, "preview") else images
-            rows = [shown_input, tokenizer.render(images, tokens.targets.float(), visible_only), tokenizer.render(images, full, both)]
+            # a tokenizer whose pictures need the tokens (positions, padding, which point went where) asks for them
+            extra = {"tokens": tokens} if "tokens" in inspect.signature(tokenizer.render).parameters else {}
+            shown_input = tokenizer.preview(images, **extra) if hasattr(tokenizer, "preview") else images
+            rows = [shown_input, tokenizer.render(images, tokens.targets.float(), visible_only, **extra),
+                    tokenizer.render(images, full, both, **extra)]
             paths.append(_grid(rows, ["input", "masked input", "reconstruction"], folder.eval / f"reconstruction_{name}_{label}.png"))
     return paths
 

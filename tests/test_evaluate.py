@@ -66,10 +66,12 @@ def test_eval_of_a_folder_that_is_not_a_run(tmp_path):
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
 
 
-def test_lidar_eval_draws_bird_eye_reconstructions(tmp_path):
+@pytest.mark.parametrize("data", [["modality=lidar", "data.train.size=64", "data.test.size=16"],
+                                  ["modality=lidar_sweep", "data.train.size=16", "data.test.size=8", "data.batch_size=4"]],
+                         ids=["point groups", "pillar sweeps"])
+def test_lidar_eval_draws_bird_eye_reconstructions(tmp_path, data):
     run = tmp_path / "run"
-    anymodal("train", "tiny-test", "modality=lidar", "data.train.size=64", "data.test.size=16", "--run-dir", run,
-             "recipe.stages.pretrain.steps=2")
+    anymodal("train", "tiny-test", *data, "--run-dir", run, "recipe.stages.pretrain.steps=2")
     anymodal("eval", run)
     with Image.open(run / "eval" / "reconstruction_pretrain_masked_pixel.png") as im:
         assert im.size[0] > 500 and im.size[1] > 200

@@ -328,6 +328,26 @@ def test_bird_eye_pictures_place_groups_at_their_centres():
 
 
 def _bird(xyz):
-    from anymodal.tokenizers.points import _bird_eye
+    from anymodal.tokenizers.point_ops import bird_eye_view
 
-    return _bird_eye(xyz, xyz, 8)
+    return bird_eye_view(xyz, xyz[..., :2].amin(1, keepdim=True), xyz[..., :2].amax(1, keepdim=True), 8)
+
+
+def test_pillar_pictures_draw_the_held_points_in_their_pillars():
+    tok = PillarTokenizer(32, point_range=(-8.0, -8.0, -3.0, 8.0, 8.0, 3.0), pillar_size=1.0, max_points=64)
+    g = torch.Generator().manual_seed(0)
+    cloud = torch.cat([torch.rand(2, 600, 2, generator=g) * 12 - 6, torch.rand(2, 600, 2, generator=g) - 0.5], -1)
+    padding = torch.zeros(2, 600, dtype=torch.bool)
+    padding[1, 400:] = True  # a shorter second sweep, zero-padded: the padding is never drawn
+    cloud[1, 400:] = 0.0
+    tokens = tok(cloud, padding)
+    image = tok.preview(cloud, tokens)
+    assert image.shape == (2, 1, 32, 32)
+    alone = tok(cloud[1:, :400])
+    assert torch.equal(image[1], tok.preview(cloud[1:, :400], alone)[0])
+    keep = ~tokens.padding
+    whole = tok.render(cloud, tokens.targets, keep, tokens)
+    assert ((whole > 0) & (image == 0)).sum() <= 0.01 * whole.sum() and whole.sum() > 0.9 * image.sum()
+    some = keep & (torch.rand(keep.shape, generator=g) < 0.5)
+    part = tok.render(cloud, tokens.targets, some, tokens)
+    assert 0 < part.sum() < whole.sum() and (part <= whole).all()

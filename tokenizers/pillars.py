@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.tokens import Tokens
-from .point_ops import CHAMFER_LOSSES, chamfer_distance, check_points
+from .point_ops import CHAMFER_LOSSES, bird_eye_view, chamfer_distance, check_points
 
 __all__ = ["PillarTokenizer", "PillarAssignment", "assign_pillars", "scatter_pool"]
 
@@ -254,6 +254,35 @@ class PillarTokenizer(nn.Module):
         chosen = order[keep]
         slots[sorted_pillar[keep], rank[keep]] = torch.cat([local[chosen], local.new_ones(chosen.numel(), 1)], -1)
         return slots.flatten(1)
+
+    def preview(self, points: Tensor, tokens: Tokens) -> Tensor:
+        """A bird's-eye view of each sweep's points that a pillar holds (``tokens.source``), over the
+        range, 2 pixels a pillar, x to the right and y up: ``[B, 1, 2 ny, 2 ny]``."""
+        xyz = points[..., :3].float()
+        held = torch.where((tokens.source >= 0).unsqueeze(-1), xyz, torch.full_like(xyz, float("nan")))
+        return self._view(held)
+
+    def render(self, points: Tensor, targets: Tensor, keep: Tensor, tokens: Tokens) -> Tensor:
+        """The pillar slots of ``targets [B, M, max_points*4]`` (e.g. a reconstruction) placed in their
+        pillars (``tokens.pos``), for the pillars where ``keep [B, M]`` is True, as `preview` images.
+        Each pillar shows as many points as it truly holds (the validity channel of ``tokens.targets``:
+        a prediction's own is not trained)."""
+        k = self.max_points
+        slots = targets.float().reshape(*targets.shape[:2], k, 4)
+        valid = tokens.targets.reshape(*targets.shape[:2], k, 4)[..., 3] > 0.5
+        x_min, y_min, z_min, _, _, z_max = self.point_range
+        sx, sy = self.pillar_size
+        row, col = tokens.pos[..., 0].float(), tokens.pos[..., 1].float()
+        centre = torch.stack([x_min + (col + 0.5) * sx, y_min + (row + 0.5) * sy, torch.full_like(row, (z_min + z_max) / 2)], -1)
+        half = slots.new_tensor([sx / 2, sy / 2, (z_max - z_min) / 2])
+        xyz = centre.unsqueeze(-2) + slots[..., :3] * half
+        drawn = valid & keep[..., None] & ~tokens.padding[..., None] if tokens.padding is not None else valid & keep[..., None]
+        return self._view(torch.where(drawn.unsqueeze(-1), xyz, torch.full_like(xyz, float("nan"))).flatten(1, 2))
+
+    def _view(self, xyz: Tensor) -> Tensor:
+        x_min, y_min, _, x_max, y_max, _ = self.point_range
+        lo, hi = xyz.new_tensor([x_min, y_min]), xyz.new_tensor([x_max, y_max])
+        return bird_eye_view(xyz, lo, hi, 2 * max(self.grid_size))
 
     def reconstruction_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Chamfer distance between predicted slots and the valid target slots, both ``[B, M, max_points*4]``.

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .common import any_true
 
-__all__ = ["farthest_point_sample", "knn_group", "chamfer_distance", "gather_points", "check_points", "CHAMFER_LOSSES",
+__all__ = ["bird_eye_view", "farthest_point_sample", "knn_group", "chamfer_distance", "gather_points", "check_points", "CHAMFER_LOSSES",
            "FPS_KERNELS"]
 
 # a tokenizer's `loss` option -> chamfer_distance's kind
@@ -308,3 +308,17 @@ def chamfer_distance(pred: Tensor, target: Tensor, target_valid: Optional[Tensor
     per_group = to_target.mean(-1) + to_pred.sum(-1) / count
     groups = has.sum().clamp_min(1)
     return (per_group * has).sum() / groups
+
+
+def bird_eye_view(xyz: Tensor, lo: Tensor, hi: Tensor, size: int = 64) -> Tensor:
+    """Rasterize ``xyz [B, P, 3]`` (NaN rows skipped) onto ``size x size`` pixels spanning x-y corners
+    ``lo`` to ``hi`` (``[B, 1, 2]``, or broadcastable), x to the right and y up: ``[B, 1, size, size]``
+    of 0 and 1. Points outside the corners are left out."""
+    b = xyz.shape[0]
+    cell = ((xyz[..., :2] - lo) / (hi - lo).clamp_min(1e-6) * (size - 1)).round()
+    ok = ~cell.isnan().any(-1) & (cell >= 0).all(-1) & (cell <= size - 1).all(-1)
+    cell = cell.nan_to_num(0).long()
+    flat = torch.arange(b, device=xyz.device)[:, None] * size * size + (size - 1 - cell[..., 1]) * size + cell[..., 0]
+    image = torch.zeros(b * size * size, device=xyz.device)
+    image[flat[ok]] = 1.0
+    return image.view(b, 1, size, size)

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from ..core.tokens import Tokens
 from .common import any_true
-from .point_ops import CHAMFER_LOSSES, FPS_KERNELS, chamfer_distance, check_points, farthest_point_sample, gather_points, knn_group
+from .point_ops import (CHAMFER_LOSSES, FPS_KERNELS, bird_eye_view, chamfer_distance, check_points, farthest_point_sample,
+                        gather_points, knn_group)
 
 __all__ = ["PointPatchTokenizer"]
 
@@ -90,7 +91,7 @@ class PointPatchTokenizer(nn.Module):
         """A bird's-eye view of each cloud: ``[B, 1, size, size]``, 1 where a point falls, x to the
         right and y up, over the cloud's own x-y extent."""
         xyz = points[..., :3].float()
-        return _bird_eye(xyz, xyz, size)
+        return bird_eye_view(xyz, *_extent(xyz), size)
 
     def render(self, points: Tensor, targets: Tensor, keep: Tensor, size: int = 64) -> Tensor:
         """The groups of ``targets [B, G, K*3]`` (offsets from their centres, e.g. a reconstruction)
@@ -100,7 +101,7 @@ class PointPatchTokenizer(nn.Module):
         groups = centres.unsqueeze(-2) + targets.float().reshape(*targets.shape[:2], self.group_size, 3)
         far = torch.full_like(groups, float("nan"))  # groups not kept: drawn nowhere
         shown = torch.where(keep[..., None, None], groups, far).flatten(1, 2)
-        return _bird_eye(shown, xyz, size)
+        return bird_eye_view(shown, *_extent(xyz), size)
 
     def reconstruction_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Chamfer distance between predicted and true groups, both ``[B, M, K*3]``."""
@@ -109,15 +110,6 @@ class PointPatchTokenizer(nn.Module):
                                 kind=CHAMFER_LOSSES[self.loss])
 
 
-def _bird_eye(xyz: Tensor, frame: Tensor, size: int) -> Tensor:
-    """Rasterize ``xyz [B, P, 3]`` (NaN rows skipped) onto ``size x size`` pixels spanning the x-y
-    extent of ``frame [B, N, 3]``: ``[B, 1, size, size]`` of 0 and 1."""
-    b = xyz.shape[0]
-    lo, hi = frame[..., :2].amin(1, keepdim=True), frame[..., :2].amax(1, keepdim=True)
-    cell = ((xyz[..., :2] - lo) / (hi - lo).clamp_min(1e-6) * (size - 1)).round()
-    ok = ~cell.isnan().any(-1) & (cell >= 0).all(-1) & (cell <= size - 1).all(-1)
-    cell = cell.nan_to_num(0).long()
-    flat = torch.arange(b, device=xyz.device)[:, None] * size * size + (size - 1 - cell[..., 1]) * size + cell[..., 0]
-    image = torch.zeros(b * size * size, device=xyz.device)
-    image[flat[ok]] = 1.0
-    return image.view(b, 1, size, size)
+def _extent(xyz: Tensor) -> tuple[Tensor, Tensor]:
+    """Each cloud's x-y corners, ``[B, 1, 2]`` each."""
+    return xyz[..., :2].amin(1, keepdim=True), xyz[..., :2].amax(1, keepdim=True)
