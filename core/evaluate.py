@@ -239,9 +239,10 @@ def _evaluate(folder: RunFolder, components: Any, pictures: Optional[bool], writ
                for name, model in ((label, trained), ("random init", random_init))}
     folder.eval.mkdir(parents=True, exist_ok=True)
     table = format_table(results, ev.knn_k, list(ev.labels))
+    draw = ev.pictures if pictures is None else pictures
     summary = {"run": str(folder.root), "train_samples": len(train), "test_samples": len(test), "results": results,
                "retrieval": _retrievals(folder, cfg, components, trained, subset(test, ev.retrieval_samples, cfg.run.seed),
-                                        device, progress, written if (ev.pictures if pictures is None else pictures) else None)}
+                                        device, progress, written if draw else None)}
     if ev.point_labels:
         summary["segmentation"] = {name: _segmentation(model, train, test, cfg, device, name)
                                    for name, model in ((label, trained), ("random init", random_init))}
@@ -251,7 +252,7 @@ def _evaluate(folder: RunFolder, components: Any, pictures: Optional[bool], writ
     if ev.point_labels:
         table += "\n\n" + format_segmentation(summary["segmentation"], _class_names(ev, summary["segmentation"]))
     written.append(write_atomic(folder.eval / "table.md", lambda tmp: tmp.write_text(table + "\n")))
-    if ev.pictures if pictures is None else pictures:
+    if draw:
         from .pictures import plot_loss_curve, plot_reconstructions
 
         log.info("pictures (loss curve, reconstructions) into %s", folder.eval)

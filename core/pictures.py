@@ -68,8 +68,7 @@ def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone:
             visible_only = shown.scatter(1, mask.visible, True)
             both = visible_only.scatter(1, mask.target, True)
             images = raw[tokenizer.input_key]
-            # a tokenizer whose pictures need the tokens (positions, padding, which point went where) asks for them
-            extra = {"tokens": tokens} if "tokens" in inspect.signature(tokenizer.render).parameters else {}
+            extra = {"tokens": tokens} if _needs_tokens(tokenizer.render) else {}
             shown_input = tokenizer.preview(images, **extra) if hasattr(tokenizer, "preview") else images
             rows = [shown_input, tokenizer.render(images, tokens.targets.float(), visible_only, **extra),
                     tokenizer.render(images, full, both, **extra)]
@@ -77,12 +76,20 @@ def plot_reconstructions(folder: RunFolder, cfg: Any, components: Any, backbone:
     return paths
 
 
-def _viewable(tokenizer: Any, x: Any) -> Optional[torch.Tensor]:
-    """``x`` as ``[B, C, H, W]`` pictures: the tokenizer's ``preview``, else ``x`` itself when it is one."""
+def _needs_tokens(draw: Any) -> bool:
+    """A tokenizer whose pictures need the Tokens (positions, padding, which point went where) asks for them."""
+    return "tokens" in inspect.signature(draw).parameters
+
+
+def _viewable(backbone: Backbone, raw: dict[str, Any], key: str) -> Optional[torch.Tensor]:
+    """Field ``key`` of ``raw`` as ``[B, C, H, W]`` pictures: its tokenizer's ``preview``, else the
+    field itself when it is one; None when it cannot be drawn."""
+    x = raw.get(key)
     if not isinstance(x, torch.Tensor):
         return None
+    tokenizer = backbone.tokenizer_of(key) if key in backbone.sensors else backbone.tokenizer
     if hasattr(tokenizer, "preview"):
-        return tokenizer.preview(x)
+        return tokenizer.preview(x, tokens=backbone.tokenize(raw, key)) if _needs_tokens(tokenizer.preview) else tokenizer.preview(x)
     return x if x.dim() == 4 and x.shape[1] in (1, 3) else None
 
 
@@ -95,15 +102,13 @@ def plot_retrieval(path: Path, objective: Any, backbone: Backbone, test: Dataset
     backbone.eval()
     raw = collate([test[i] for i in range(min(pool, len(test)))])
     raw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
-    samples = _viewable(backbone.tokenizer, raw.get(backbone.sensor))
+    samples = _viewable(backbone, raw, backbone.sensor)
     if samples is None:
         return None
     partners = raw[objective.partner_key]
     partner_images = None
     if isinstance(partners, torch.Tensor):
-        key = objective.partner_key
-        tokenizer = backbone.tokenizer_of(key) if key in backbone.sensors else backbone.tokenizer
-        partner_images = _viewable(tokenizer, partners)
+        partner_images = _viewable(backbone, raw, objective.partner_key)
         if partner_images is None:
             return None
     sim = objective.embed_sample(raw, backbone).float() @ objective.embed_partner(raw, backbone).float().T

@@ -96,3 +96,13 @@ def test_contrastive_eval_draws_a_retrieval_grid_unless_told_not_to(tmp_path):
     anymodal("eval", run)
     with Image.open(run / "eval" / "retrieval_contrastive_contrastive.png") as im:
         assert im.size[0] > 600 and im.size[1] > 600  # 6 queries x (query + top 5)
+
+
+def test_camera_lidar_contrastive_eval_draws_pillar_queries_and_camera_partners(tmp_path):
+    run = tmp_path / "run"
+    scenes = ["modality=street_scenes", "data.train.size=8", "data.test.size=4", "data.train.beams=8", "data.test.beams=8",
+              "data.train.azimuth_steps=64", "data.test.azimuth_steps=64", "data.batch_size=4"]
+    anymodal("train", "tiny-test", *scenes, "recipe=camera_lidar_contrastive", "recipe.stages.*.steps=2", "--run-dir", run)
+    anymodal("eval", run)  # the pillar tokenizer's preview needs the Tokens: the grid tokenizes for it
+    with Image.open(run / "eval" / "retrieval_contrastive_contrastive.png") as im:
+        assert im.size[0] > 400 and im.size[1] > 400
