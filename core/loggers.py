@@ -6,7 +6,7 @@ continues the same W&B / MLflow run: its id is kept in the run folder's ``logs/`
 
 W&B runs offline (files under ``logs/wandb``, ``wandb sync`` uploads them) unless ``WANDB_MODE``
 says otherwise or ``WANDB_API_KEY`` is set; MLflow writes to ``MLFLOW_TRACKING_URI``, else to an SQLite
-store, ``logs/mlflow.db``. Credentials stay in the environment and are never logged.
+store, ``logs/mlflow.db``, with its artifacts in ``logs/mlartifacts``. Credentials stay in the environment and are never logged.
 """
 
 from __future__ import annotations
@@ -106,13 +106,18 @@ class MetricLoggers:
         import mlflow
 
         self.logs.mkdir(parents=True, exist_ok=True)
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        local = not os.environ.get("MLFLOW_TRACKING_URI")
+        if local:
             mlflow.set_tracking_uri(f"sqlite:///{(self.logs / 'mlflow.db').resolve()}")  # MLflow's local store
         id_file = self.logs / "mlflow-run-id"
         if id_file.is_file():
             mlflow.start_run(run_id=id_file.read_text().strip())
         else:
-            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "anymodal"))
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "anymodal")
+            if local and mlflow.get_experiment_by_name(name) is None:
+                # artifacts beside the store: MLflow's default is ./mlruns in whatever folder the run started from
+                mlflow.create_experiment(name, artifact_location=(self.logs / "mlartifacts").resolve().as_uri())
+            mlflow.set_experiment(name)
             run = mlflow.start_run(run_name=str(self.cfg.run.name))
             id_file.write_text(run.info.run_id)
             config = OmegaConf.to_container(self.cfg, resolve=True)

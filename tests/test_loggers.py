@@ -66,7 +66,9 @@ def jsonl(run_dir):
 def test_wandb_and_mlflow_log_the_same_scalars_and_config(tmp_path):
     run = tmp_path / "run"
     anymodal("train", "tiny-test", "--run-dir", run, "recipe.stages.pretrain.steps=8", "run.log_every=2",
-             "run.wandb=true", "run.mlflow=true", env_extra=OFFLINE)
+             "run.wandb=true", "run.mlflow=true", env_extra=OFFLINE, cwd=tmp_path)
+    assert not (tmp_path / "mlruns").exists()  # nothing written outside the run folder
+    assert list((run / "logs" / "mlartifacts").rglob("config.yaml"))
     lines = jsonl(run)
     ids, rows, config = wandb_history(run)
     assert len(ids) == 1 and config["recipe"]["stages"]["pretrain"]["steps"] == 8
